@@ -1,0 +1,629 @@
+"""Sans-I/O wire format of dcproto: message types, framing, incremental decoding, connection states.
+
+Theory of operation
+-------------------
+A frame is a 4-byte big-endian unsigned length followed by that many bytes of msgpack. The msgpack
+value is an array ``[type, field1, field2, ...]``: ``type`` is the small integer of a message type
+and the fields follow in the order of that type's dataclass below. Nothing here owns a socket, a
+task or a clock: :class:`Decoder` turns bytes into frames, :func:`encode` and :func:`decode` map
+frames to the frozen message dataclasses, and :class:`Connection` tracks one connection's state
+(which messages may arrive when) and buffers outgoing bytes so the I/O layer writes once per turn.
+
+A misbehaving peer never makes :meth:`Connection.receive_data` raise: the connection records the
+error, queues an :class:`Error` frame and moves to ``CLOSED``; the I/O layer sends what is queued
+and closes. Sending an invalid message from local code raises :class:`LocalProtocolError`.
+``docs/protocol.md`` is written from the tables in this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+#: The handshake happens before the peer is authenticated, so it gets a much smaller limit.
+HANDSHAKE_MAX_FRAME = 64 * 1024
+
+ROLES = ("worker", "creator")
+RESULT_OUTCOMES = ("ok", "stop", "error", "crash", "timeout", "abandoned", "load_error")
+PROJECT_STATUSES = ("done", "stopped", "failed", "cancelled")
+ERROR_POLICIES = ("raise", "skip")
+
+
+def auth_token(secret: str, nonce: bytes) -> bytes:
+    """The proof of the shared secret a client sends in :class:`Hello`."""
+    return hmac.new(secret.encode("utf-8"), nonce, hashlib.sha256).digest()
+
+
+def check_auth(secret: str, nonce: bytes, token: bytes) -> bool:
+    return hmac.compare_digest(auth_token(secret, nonce), token)
+
+
+# --------------------------------------------------------------------------------------------
+# Messages. One frozen, keyword-only dataclass per type; ``TYPE`` is its number on the wire.
+# --------------------------------------------------------------------------------------------
+
+
+class Message:
+    TYPE: ClassVar[int]
+
+    def _validate(self) -> None:
+        """Checks beyond field types; raises ValueError. Overridden where needed."""
+
+
+_msg = dataclass(frozen=True, kw_only=True, slots=True)
+
+
+@_msg
+class Challenge(Message):
+    """Server -> client, first frame on every connection."""
+
+    TYPE = 1
+    version: int
+    nonce: bytes
+    max_frame: int
+
+
+@_msg
+class Hello(Message):
+    """Client -> server: who we are and proof of the secret (HMAC-SHA256 of the nonce)."""
+
+    TYPE = 2
+    version: int
+    role: str
+    auth: bytes
+    device_id: str | None
+    name: str
+    slots: int
+
+    def _validate(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}")
+        if self.slots < 0:
+            raise ValueError("slots must be >= 0")
+
+
+@_msg
+class Welcome(Message):
+    """Server -> client: the handshake succeeded."""
+
+    TYPE = 3
+    device_id: str
+    heartbeat_interval: float
+    max_frame: int
+
+
+@_msg
+class Error(Message):
+    """Either way: a fatal error; the sender closes the connection after it."""
+
+    TYPE = 4
+    code: str
+    message: str
+
+
+@_msg
+class Heartbeat(Message):
+    """Either way: liveness. Any frame counts as liveness; this one is sent when idle."""
+
+    TYPE = 5
+
+
+@_msg
+class Goodbye(Message):
+    """Either way: a clean close, with a reason for the logs."""
+
+    TYPE = 6
+    reason: str
+
+
+@_msg
+class Credit(Message):
+    """Worker -> server: the worker can take ``credit`` more tasks."""
+
+    TYPE = 10
+    credit: int
+
+    def _validate(self) -> None:
+        if self.credit < 1:
+            raise ValueError("credit must be >= 1")
+
+
+@_msg
+class Project(Message):
+    """Server -> worker: a project's code, sent once per worker before its first task."""
+
+    TYPE = 11
+    project_id: str
+    code: bytes
+    modules: list[str]
+    parallel: str
+    stop: str | None
+    only_if: str | None
+    options: dict[str, Any]
+
+
+@_msg
+class Reject(Message):
+    """Worker -> server: this worker cannot run the project (e.g. a module is missing)."""
+
+    TYPE = 12
+    project_id: str
+    reason: str
+
+
+@_msg
+class Task(Message):
+    """Server -> worker: run the parallel function over ``items`` (opaque, pickled list)."""
+
+    TYPE = 13
+    task_id: int
+    project_id: str
+    attempt: int
+    items: bytes
+
+
+@_msg
+class Result(Message):
+    """Worker -> server: the outcome of one task attempt, and credit handed back."""
+
+    TYPE = 14
+    task_id: int
+    attempt: int
+    outcome: str
+    payload: bytes
+    n_items: int
+    n_kept: int
+    error: dict[str, Any] | None
+    stats: dict[str, Any]
+    files: list[Any]
+    credit: int
+
+    def _validate(self) -> None:
+        if self.outcome not in RESULT_OUTCOMES:
+            raise ValueError(f"outcome must be one of {RESULT_OUTCOMES}")
+        if self.credit < 0:
+            raise ValueError("credit must be >= 0")
+        _check_files(self.files)
+
+
+@_msg
+class Abandon(Message):
+    """Server -> worker: stop these tasks now; their results are no longer wanted."""
+
+    TYPE = 15
+    task_ids: list[int]
+
+
+@_msg
+class Submit(Message):
+    """Creator -> server: a new project. ``ref`` pairs it with its :class:`Accepted`."""
+
+    TYPE = 20
+    ref: int
+    name: str
+    code: bytes
+    modules: list[str]
+    parallel: str
+    stop: str | None
+    only_if: str | None
+    options: dict[str, Any]
+
+
+@_msg
+class Accepted(Message):
+    """Server -> creator: the project's id, and how many tasks the creator may send now."""
+
+    TYPE = 21
+    ref: int
+    project_id: str
+    credit: int
+
+
+@_msg
+class Tasks(Message):
+    """Creator -> server: the next tasks, each ``[seq, items, n_items]`` (items opaque)."""
+
+    TYPE = 22
+    project_id: str
+    tasks: list[Any]
+
+    def _validate(self) -> None:
+        for entry in self.tasks:
+            if (
+                not isinstance(entry, list)
+                or len(entry) != 3
+                or type(entry[0]) is not int
+                or not isinstance(entry[1], bytes)
+                or type(entry[2]) is not int
+            ):
+                raise ValueError("each task must be [seq:int, items:bin, n_items:int]")
+
+
+@_msg
+class End(Message):
+    """Creator -> server: the iterator is exhausted; no more tasks will come."""
+
+    TYPE = 23
+    project_id: str
+    total_tasks: int
+    total_items: int
+
+
+@_msg
+class More(Message):
+    """Server -> creator: send up to ``credit`` more tasks (back-pressure)."""
+
+    TYPE = 24
+    project_id: str
+    credit: int
+
+
+@_msg
+class TaskDone(Message):
+    """Server -> creator: one task's kept results (opaque pickled pairs) and its files."""
+
+    TYPE = 25
+    project_id: str
+    seq: int
+    payload: bytes
+    n_items: int
+    n_kept: int
+    files: list[Any]
+    stats: dict[str, Any]
+
+    def _validate(self) -> None:
+        _check_files(self.files)
+
+
+@_msg
+class Finished(Message):
+    """Server -> creator: the project ended. ``stop`` is ``[seq, payload]`` when stopped."""
+
+    TYPE = 26
+    project_id: str
+    status: str
+    error: dict[str, Any] | None
+    stop: list[Any] | None
+    stats: dict[str, Any]
+
+    def _validate(self) -> None:
+        if self.status not in PROJECT_STATUSES:
+            raise ValueError(f"status must be one of {PROJECT_STATUSES}")
+
+
+@_msg
+class Cancel(Message):
+    """Creator -> server: cancel the project; running tasks are abandoned at once."""
+
+    TYPE = 27
+    project_id: str
+
+
+@_msg
+class Notice(Message):
+    """Server -> creator: something the user should know (e.g. no worker can run it)."""
+
+    TYPE = 28
+    project_id: str
+    level: str
+    text: str
+
+
+def _check_files(files: list[Any]) -> None:
+    for entry in files:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 2
+            or not isinstance(entry[0], str)
+            or not isinstance(entry[1], bytes)
+        ):
+            raise ValueError("each file must be [name:str, data:bin]")
+
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    Challenge,
+    Hello,
+    Welcome,
+    Error,
+    Heartbeat,
+    Goodbye,
+    Credit,
+    Project,
+    Reject,
+    Task,
+    Result,
+    Abandon,
+    Submit,
+    Accepted,
+    Tasks,
+    End,
+    More,
+    TaskDone,
+    Finished,
+    Cancel,
+    Notice,
+)
+BY_TYPE: dict[int, type[Message]] = {cls.TYPE: cls for cls in MESSAGE_TYPES}
+
+_NONE = type(None)
+# Annotation text -> accepted Python types after msgpack decoding. bool is excluded from int
+# by an exact type check below, because msgpack keeps them apart and so do we.
+_ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (float, int),
+    "str": (str,),
+    "bytes": (bytes,),
+    "str | None": (str, _NONE),
+    "list[str]": (list,),
+    "list[int]": (list,),
+    "list[Any]": (list,),
+    "list[Any] | None": (list, _NONE),
+    "dict[str, Any]": (dict,),
+    "dict[str, Any] | None": (dict, _NONE),
+}
+_ELEMENT_TYPES: dict[str, type] = {"list[str]": str, "list[int]": int}
+
+#: Per message class: its fields as (name, annotation, accepted types).
+SCHEMA: dict[type[Message], tuple[tuple[str, str, tuple[type, ...]], ...]] = {
+    cls: tuple(
+        (f.name, str(f.type), _ANNOTATION_TYPES[str(f.type)]) for f in dataclasses.fields(cls)
+    )
+    for cls in MESSAGE_TYPES
+}
+
+
+def encode(message: Message) -> bytes:
+    """One frame (header + body) for ``message``. Raises LocalProtocolError if it is invalid."""
+    try:
+        _check_fields(message)
+        message._validate()
+    except (TypeError, ValueError) as exc:
+        raise LocalProtocolError(f"invalid {type(message).__name__}: {exc}") from exc
+    body = msgpack.packb(
+        [message.TYPE, *(getattr(message, name) for name, _, _ in SCHEMA[type(message)])],
+        use_bin_type=True,
+    )
+    return HEADER.pack(len(body)) + body
+
+
+def decode(body: bytes | memoryview) -> Message:
+    """The message in one frame body. Raises RemoteProtocolError if it is malformed."""
+    try:
+        value = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise RemoteProtocolError(f"undecodable msgpack ({type(exc).__name__}: {exc})", code="bad_frame") from exc
+    if not isinstance(value, list) or not value or type(value[0]) is not int:
+        raise RemoteProtocolError("a frame must be an array starting with a type number")
+    cls = BY_TYPE.get(value[0])
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {value[0]}", code="unknown_type")
+    schema = SCHEMA[cls]
+    if len(value) != len(schema) + 1:
+        raise RemoteProtocolError(
+            f"{cls.__name__} needs {len(schema)} fields, got {len(value) - 1}"
+        )
+    message = cls(**{name: item for (name, _, _), item in zip(schema, value[1:], strict=True)})
+    try:
+        _check_fields(message)
+        message._validate()
+    except (TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"invalid {cls.__name__}: {exc}") from exc
+    return message
+
+
+def _check_fields(message: Message) -> None:
+    for name, annotation, accepted in SCHEMA[type(message)]:
+        item = getattr(message, name)
+        if not isinstance(item, accepted) or (type(item) is bool and bool not in accepted):
+            raise TypeError(f"field {name!r} must be {annotation}, not {type(item).__name__}")
+        element = _ELEMENT_TYPES.get(annotation)
+        if element is not None and not all(type(e) is element for e in item):
+            raise TypeError(f"field {name!r} must be {annotation}")
+
+
+class Decoder:
+    """Incremental frame splitter: ``feed(bytes)`` returns complete frame bodies.
+
+    The length is checked against ``max_frame`` as soon as the 4-byte header is in, before any
+    of the body is buffered, so a huge announced frame costs nothing.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._need: int | None = None  # body length of the frame being read
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add ``data``; return every frame body it completes. Raises FrameTooLarge."""
+        buffer = self._buffer
+        buffer += data
+        frames: list[bytes] = []
+        pos = 0
+        end = len(buffer)
+        while True:
+            if self._need is None:
+                if end - pos < HEADER.size:
+                    break
+                (size,) = HEADER.unpack_from(buffer, pos)
+                if size > self.max_frame:
+                    del buffer[:]
+                    raise FrameTooLarge(size, self.max_frame)
+                pos += HEADER.size
+                self._need = size
+            if end - pos < self._need:
+                break
+            frames.append(bytes(buffer[pos : pos + self._need]))
+            pos += self._need
+            self._need = None
+        if pos:
+            del buffer[:pos]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+# --------------------------------------------------------------------------------------------
+# Connection states: which messages each side may receive in each state.
+# --------------------------------------------------------------------------------------------
+
+
+class State(enum.Enum):
+    AWAIT_CHALLENGE = "await_challenge"  # client: connected, waiting for the server's nonce
+    AWAIT_HELLO = "await_hello"  # server: challenge sent, waiting for the client's Hello
+    AWAIT_WELCOME = "await_welcome"  # client: Hello sent, waiting for Welcome or Error
+    READY = "ready"
+    CLOSED = "closed"
+
+
+_ALWAYS = frozenset({Error, Goodbye, Heartbeat})
+_WORKER_TO_SERVER = frozenset({Credit, Reject, Result}) | _ALWAYS
+_CREATOR_TO_SERVER = frozenset({Submit, Tasks, End, Cancel}) | _ALWAYS
+_SERVER_TO_WORKER = frozenset({Project, Task, Abandon}) | _ALWAYS
+_SERVER_TO_CREATOR = frozenset({Accepted, More, TaskDone, Finished, Notice}) | _ALWAYS
+
+#: (our side, peer role or None before the handshake, state) -> messages we may receive.
+RECEIVE_TABLE: dict[tuple[str, str | None, State], frozenset[type[Message]]] = {
+    ("server", None, State.AWAIT_HELLO): frozenset({Hello, Error, Goodbye}),
+    ("server", "worker", State.READY): _WORKER_TO_SERVER,
+    ("server", "creator", State.READY): _CREATOR_TO_SERVER,
+    ("client", None, State.AWAIT_CHALLENGE): frozenset({Challenge, Error, Goodbye}),
+    ("client", None, State.AWAIT_WELCOME): frozenset({Welcome, Error, Goodbye}),
+    ("client", "worker", State.READY): _SERVER_TO_WORKER,
+    ("client", "creator", State.READY): _SERVER_TO_CREATOR,
+}
+
+#: (state, message received or sent) -> next state. Pairs not listed leave the state as is.
+TRANSITIONS: dict[tuple[State, type[Message]], State] = {
+    (State.AWAIT_CHALLENGE, Challenge): State.AWAIT_WELCOME,  # the client answers with Hello
+    (State.AWAIT_HELLO, Welcome): State.READY,  # sent by the server once auth passed
+    (State.AWAIT_WELCOME, Welcome): State.READY,
+}
+
+
+@dataclass(eq=False)
+class Connection:
+    """One connection's protocol state, for either side. Owns no socket.
+
+    Feed received bytes to :meth:`receive_data`; queue messages with :meth:`send`; write what
+    :meth:`data_to_send` returns. After ``state`` becomes CLOSED, write the rest and close.
+    """
+
+    side: str  # "server" or "client"
+    role: str | None = None  # the client's role; a client sets it up front, a server on Hello
+    max_frame: int = DEFAULT_MAX_FRAME
+    state: State = field(init=False)
+    error: RemoteProtocolError | None = field(default=None, init=False)
+    _decoder: Decoder = field(init=False)
+    _outgoing: list[bytes] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if self.side not in ("server", "client"):
+            raise ValueError("side must be 'server' or 'client'")
+        self.state = State.AWAIT_HELLO if self.side == "server" else State.AWAIT_CHALLENGE
+        self._decoder = Decoder(HANDSHAKE_MAX_FRAME)
+
+    # ---- receiving -------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Message]:
+        """Messages completed by ``data``. On a protocol violation: the messages before it,
+        ``error`` set, an Error frame queued and state CLOSED."""
+        if self.state is State.CLOSED:
+            return []
+        try:
+            bodies = self._decoder.feed(data)
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            return []
+        messages: list[Message] = []
+        for body in bodies:
+            try:
+                message = decode(body)
+                self._check_receivable(message)
+            except RemoteProtocolError as exc:
+                self._fail(exc)
+                break
+            messages.append(message)
+            self._after(message)
+            if self.state is State.CLOSED:
+                break
+        return messages
+
+    def _check_receivable(self, message: Message) -> None:
+        role = self.role if self.state is State.READY else None
+        allowed = RECEIVE_TABLE.get((self.side, role, self.state), frozenset())
+        if type(message) not in allowed:
+            raise RemoteProtocolError(
+                f"{type(message).__name__} is not allowed in state {self.state.value}",
+                code="unexpected_message",
+            )
+        if isinstance(message, Hello | Challenge) and message.version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"protocol version {message.version} is not supported "
+                f"(this side speaks {PROTOCOL_VERSION})",
+                code="version_mismatch",
+            )
+
+    def _after(self, message: Message) -> None:
+        if isinstance(message, Error | Goodbye):
+            self.state = State.CLOSED
+            return
+        if isinstance(message, Hello):
+            self.role = message.role
+        elif isinstance(message, Challenge | Welcome):
+            self.max_frame = min(self.max_frame, message.max_frame)
+        nxt = TRANSITIONS.get((self.state, type(message)))
+        if nxt is not None:
+            self._enter(nxt)
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        self.error = exc
+        if self.state is not State.CLOSED:
+            self._outgoing.append(encode(Error(code=exc.code, message=str(exc))))
+            self.state = State.CLOSED
+
+    def _enter(self, state: State) -> None:
+        self.state = state
+        if state is State.READY:
+            self._decoder.max_frame = self.max_frame
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        """Queue ``message``. Raises LocalProtocolError if it is invalid or the state is closed."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError(f"cannot send {type(message).__name__}: connection closed")
+        frame = encode(message)
+        if len(frame) - HEADER.size > self.max_frame:
+            raise LocalProtocolError(
+                f"{type(message).__name__} of {len(frame)} bytes exceeds the frame limit "
+                f"of {self.max_frame}"
+            )
+        self._outgoing.append(frame)
+        if isinstance(message, Error | Goodbye):
+            self.state = State.CLOSED
+        else:
+            nxt = TRANSITIONS.get((self.state, type(message)))
+            if nxt is not None:
+                self._enter(nxt)
+
+    def data_to_send(self) -> bytes:
+        """All bytes queued since the last call (possibly empty)."""
+        if not self._outgoing:
+            return b""
+        data = b"".join(self._outgoing)
+        self._outgoing.clear()
+        return data
