@@ -403,7 +403,8 @@ def decode(body: bytes | memoryview) -> Message:
     try:
         value = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise RemoteProtocolError(f"undecodable msgpack ({type(exc).__name__}: {exc})", code="bad_frame") from exc
+        reason = f"undecodable msgpack ({type(exc).__name__}: {exc})"
+        raise RemoteProtocolError(reason, code="bad_frame") from exc
     if not isinstance(value, list) or not value or type(value[0]) is not int:
         raise RemoteProtocolError("a frame must be an array starting with a type number")
     cls = BY_TYPE.get(value[0])
