@@ -1,0 +1,240 @@
+"""The child process that runs user code for a worker: ``python -m dcproto.child``.
+
+It reads commands from the worker on stdin and answers on the original stdout, which it keeps
+on a private descriptor; user code's prints go to stderr. Frames use the wire protocol's header
+and msgpack arrays:
+
+* ``["load", project_id, code, modules, parallel, stop, only_if, errors]`` -- no answer; a load
+  failure is reported by the next ``run`` of that project as outcome ``load_error``.
+* ``["run", task_id, project_id, items, output_dir]`` -> ``["done", task_id, outcome, payload,
+  n_items, n_kept, error, stats, files]``.
+
+SIGUSR1 abandons the running task: the handler raises :class:`TaskAbandoned` only while user
+code is running, never while a frame is being read or written, and the task is answered with
+outcome ``abandoned`` (the worker uses the same path for timeouts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import pickle
+import shutil
+import signal
+import sys
+import time
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import cloudpickle
+import msgpack
+
+from .protocol import HEADER
+
+OUTPUT_DIR_ENV = "DCPROTO_OUTPUT_DIR"
+MAX_OUTPUT_BYTES = 32 * 1024 * 1024  # additional files of one task, in total
+MAX_OUTPUT_FILES = 1000
+MAX_LOADED_PROJECTS = 16
+MAX_REPORTED_ERRORS = 5  # with errors="skip", how many error texts travel back per task
+
+
+class TaskAbandoned(BaseException):
+    """Raised inside user code when the worker abandons the task (BaseException so that a
+    user's ``except Exception`` does not swallow it)."""
+
+
+_abandonable = False
+
+
+def _on_abandon(signum: int, frame: Any) -> None:
+    if _abandonable:
+        raise TaskAbandoned
+
+
+class LoadedProject:
+    def __init__(self, command: list[Any]) -> None:
+        _, self.project_id, code, modules, parallel, stop, only_if, self.errors = command
+        self.error: str | None = None
+        try:
+            for name in modules:
+                importlib.import_module(name)
+            cls = cloudpickle.loads(code)
+            self.parallel = getattr(cls, parallel)
+            self.stop = getattr(cls, stop) if stop else None
+            self.only_if = getattr(cls, only_if) if only_if else None
+        except BaseException as exc:  # any failure to load is reported, never fatal
+            self.error = "".join(traceback.format_exception_only(exc)).strip()
+
+
+def _error_info(item: Any, exc: BaseException) -> dict[str, Any]:
+    try:
+        item_text = repr(item)
+    except Exception:
+        item_text = f"<unrepresentable {type(item).__name__}>"
+    return {
+        "message": "".join(traceback.format_exception_only(exc)).strip(),
+        "item": item_text[:1000],
+        "traceback": "".join(traceback.format_exception(exc))[-20000:],
+        "type": type(exc).__name__,
+    }
+
+
+def _pickle_pairs(pairs: list[tuple[Any, Any]]) -> bytes:
+    try:
+        return cloudpickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        for item, value in pairs:  # find the culprit, to name it in the error
+            try:
+                cloudpickle.dumps((item, value))
+            except Exception as inner:
+                raise _ValueError(item, inner) from inner
+        raise _ValueError(None, exc) from exc
+
+
+class _ValueError(Exception):
+    def __init__(self, item: Any, cause: BaseException) -> None:
+        super().__init__(f"the return value cannot be pickled: {cause}")
+        self.item = item
+
+
+def _collect_files(output_dir: Path) -> list[list[Any]]:
+    files: list[list[Any]] = []
+    total = 0
+    for path in sorted(output_dir.rglob("*")):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        total += len(data)
+        if total > MAX_OUTPUT_BYTES or len(files) >= MAX_OUTPUT_FILES:
+            raise OSError(
+                f"additional result files exceed {MAX_OUTPUT_BYTES} bytes "
+                f"or {MAX_OUTPUT_FILES} files for one task"
+            )
+        files.append([path.relative_to(output_dir).as_posix(), data])
+    return files
+
+
+def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> list[Any]:
+    """Run one task; returns [outcome, payload, n_items, n_kept, error, stats, files]."""
+    global _abandonable
+    started = time.perf_counter()
+    if project.error is not None:
+        return ["load_error", b"", 0, 0, {"message": project.error}, {}, []]
+    run_time = 0.0
+    pairs: list[tuple[Any, Any]] = []
+    outcome = "ok"
+    error: dict[str, Any] | None = None
+    errors: list[dict[str, Any]] = []
+    n_items = 0
+    n_errors = 0
+    output_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[OUTPUT_DIR_ENV] = str(output_dir)
+    try:
+        _abandonable = True
+        items = pickle.loads(items_blob)
+        for item in items:
+            n_items += 1
+            t0 = time.perf_counter()
+            try:
+                value = project.parallel(item)
+                if project.stop is not None and project.stop(value):
+                    outcome = "stop"
+                    pairs = [(item, value)]
+                    break
+                keep = project.only_if is None or project.only_if(value)
+            except TaskAbandoned:
+                raise
+            except BaseException as exc:
+                if project.errors == "raise":
+                    outcome, error = "error", _error_info(item, exc)
+                    break
+                n_errors += 1
+                if len(errors) < MAX_REPORTED_ERRORS:
+                    errors.append(_error_info(item, exc))
+                continue
+            finally:
+                run_time += time.perf_counter() - t0
+            if keep:
+                pairs.append((item, value))
+        if outcome == "error":
+            payload = b""
+        else:
+            try:
+                payload = _pickle_pairs(pairs)
+            except _ValueError as exc:
+                outcome, payload = "error", b""
+                error = _error_info(exc.item, exc)
+                error["reason"] = "unpicklable"
+        files = _collect_files(output_dir) if outcome != "error" else []
+        _abandonable = False
+    except TaskAbandoned:
+        _abandonable = False
+        return ["abandoned", b"", n_items, 0, None, {}, []]
+    except BaseException as exc:  # items that do not unpickle, unreadable files, ...
+        _abandonable = False
+        return ["error", b"", n_items, 0, _error_info(None, exc), {}, []]
+    finally:
+        _abandonable = False
+        os.environ.pop(OUTPUT_DIR_ENV, None)
+        shutil.rmtree(output_dir, ignore_errors=True)
+    stats = {"run": run_time, "exec": time.perf_counter() - started}
+    if n_errors:
+        stats["errors"] = errors
+        stats["n_errors"] = n_errors
+    n_kept = len(pairs) if outcome != "error" else 0
+    return [outcome, payload, n_items, n_kept, error, stats, files]
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes | None:
+    chunks = []
+    while size:
+        chunk = stream.read(size)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def main() -> None:
+    # Keep the command channel private: user prints must not corrupt it.
+    commands = os.fdopen(os.dup(0), "rb", buffering=0)
+    answers = os.fdopen(os.dup(1), "wb", buffering=0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    signal.signal(signal.SIGUSR1, _on_abandon)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when children stop
+    projects: OrderedDict[str, LoadedProject] = OrderedDict()
+    while True:
+        header = _read_exact(commands, HEADER.size)
+        if header is None:
+            return
+        (size,) = HEADER.unpack(header)
+        body = _read_exact(commands, size)
+        if body is None:
+            return
+        command = msgpack.unpackb(body, raw=False)
+        if command[0] == "load":
+            projects[command[1]] = LoadedProject(command)
+            projects.move_to_end(command[1])
+            while len(projects) > MAX_LOADED_PROJECTS:
+                projects.popitem(last=False)
+        elif command[0] == "run":
+            _, task_id, project_id, items, output_dir = command
+            project = projects.get(project_id)
+            if project is None:
+                answer = ["load_error", b"", 0, 0, {"message": "project not loaded"}, {}, []]
+            else:
+                answer = run_task(project, items, Path(output_dir))
+            body = msgpack.packb(["done", task_id, *answer], use_bin_type=True)
+            with contextlib.suppress(BrokenPipeError):
+                answers.write(HEADER.pack(len(body)) + body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The embedded default: an in-process server and a local worker, used when no server is named.
+
+Both live on the creator's background loop; the worker still runs user code in child
+processes and talks to the server over TCP on 127.0.0.1, so the local path is the real path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .client import on_shutdown
+from .runner import default_slots
+from .server import Server
+from .worker import Worker, WorkerConfig
+
+
+@dataclass
+class LocalCluster:
+    host: str
+    port: int
+    secret: str
+    server: Server
+    worker: Worker
+    worker_task: asyncio.Task[None]
+    state: tempfile.TemporaryDirectory[str]
+
+    async def stop(self) -> None:
+        self.worker.stop()
+        try:
+            await asyncio.wait_for(self.worker_task, 10)
+        except (TimeoutError, Exception):
+            self.worker_task.cancel()
+        await self.server.stop()
+        self.state.cleanup()
+
+
+_cluster: LocalCluster | None = None
+_lock: asyncio.Lock | None = None
+
+
+async def local_cluster(slots: int | None = None) -> LocalCluster:
+    """The process's local cluster, started on first use with ``slots`` worker slots."""
+    global _cluster, _lock
+    if _lock is None:
+        _lock = asyncio.Lock()
+    async with _lock:
+        if _cluster is not None:
+            return _cluster
+        state = tempfile.TemporaryDirectory(prefix="dcproto-local-")
+        secret = secrets.token_urlsafe(24)
+        server = Server(secret=secret, state_dir=Path(state.name))
+        host, port = await server.start("127.0.0.1", 0)
+        worker = Worker(
+            WorkerConfig(
+                host=host,
+                port=port,
+                secret=secret,
+                name="local",
+                slots=slots or default_slots(),
+            )
+        )
+        task = asyncio.create_task(worker.run())
+        _cluster = LocalCluster(host, port, secret, server, worker, task, state)
+        on_shutdown(_stop)
+        return _cluster
+
+
+async def _stop() -> None:
+    global _cluster
+    if _cluster is not None:
+        cluster, _cluster = _cluster, None
+        await cluster.stop()

@@ -1,0 +1,154 @@
+"""Writes a project's ``results_path/``: results, statistics and the files tasks produced.
+
+Layout (stable; ``load_results`` reads it back):
+
+* ``results.pickle`` -- the ``{item: value}`` dict, pickled (keys keep their types)
+* ``results.json`` -- the same as a list of ``[item, value]`` pairs, when JSON can hold them
+* ``stats.json`` -- times, counts, per-worker tasks, items/s (see the README)
+* ``tasks.csv`` -- one line per finished task: seq, worker, attempt, run, exec, round trip
+* ``errors.json`` -- the items skipped under ``errors="skip"``, with their tracebacks
+* ``additional_results/`` -- files tasks wrote to their output dir; a name two tasks both
+  wrote gets the task's number added (``plot.task7.png``) instead of being overwritten
+* ``project_id`` -- the server's id of the project
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import cloudpickle
+
+from .errors import ResultsPathError
+
+ADDITIONAL_DIR = "additional_results"
+RESULTS_PICKLE = "results.pickle"
+
+
+def load_results(results_path: str | os.PathLike[str]) -> dict[Any, Any]:
+    """The ``{item: value}`` dict a finished project wrote to ``results_path``."""
+    with open(Path(results_path) / RESULTS_PICKLE, "rb") as handle:
+        return pickle.load(handle)
+
+
+def _safe_relative(name: str) -> PurePosixPath:
+    """A file name from a worker, confined to the additional results directory."""
+    path = PurePosixPath(name)
+    parts = [part for part in path.parts if part not in ("", ".", "..", "/")]
+    if not parts:
+        raise ResultsPathError(f"a task sent a file with an unusable name {name!r}")
+    return PurePosixPath(*parts)
+
+
+class ResultsWriter:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".dcproto-write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ResultsPathError(f"results_path {path} cannot be written: {exc}") from exc
+        self._tasks_csv: Any = None
+        self._csv: Any = None
+        self._written: set[str] = set()
+
+    def _guard(self, what: str) -> Any:
+        return _Guard(self.path, what)
+
+    def started(self, project_id: str, name: str) -> None:
+        with self._guard("project_id"):
+            (self.path / "project_id").write_text(project_id + "\n", encoding="utf-8")
+            self._tasks_csv = open(self.path / "tasks.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
+            self._csv = csv.writer(self._tasks_csv)
+            self._csv.writerow(["seq", "worker", "attempt", "run", "exec", "round_trip"])
+
+    def task_done(self, seq: int, stats: dict[str, Any], files: list[Any]) -> None:
+        with self._guard("tasks.csv"):
+            if self._csv is not None:
+                self._csv.writerow(
+                    [
+                        seq,
+                        stats.get("worker"),
+                        stats.get("attempt"),
+                        _round(stats.get("run")),
+                        _round(stats.get("exec")),
+                        _round(stats.get("round_trip")),
+                    ]
+                )
+        for name, data in files:
+            self._write_file(seq, name, data)
+
+    def _write_file(self, seq: int, name: str, data: bytes) -> None:
+        relative = _safe_relative(name)
+        key = relative.as_posix()
+        if key in self._written:
+            stem, suffix = relative.stem, relative.suffix
+            relative = relative.with_name(f"{stem}.task{seq}{suffix}")
+            key = relative.as_posix()
+        self._written.add(key)
+        target = self.path / ADDITIONAL_DIR / relative
+        with self._guard(key):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+    def finish(
+        self,
+        *,
+        results: dict[Any, Any] | None,
+        status: str,
+        error: BaseException | None,
+        stats: dict[str, Any],
+        errors: list[dict[str, Any]],
+    ) -> None:
+        if self._tasks_csv is not None:
+            self._tasks_csv.close()
+            self._tasks_csv = self._csv = None
+        if error is not None:
+            stats = {**stats, "error": str(error)}
+        with self._guard("stats.json"):
+            (self.path / "stats.json").write_text(
+                json.dumps(stats, indent=2, default=str), encoding="utf-8"
+            )
+        if errors:
+            with self._guard("errors.json"):
+                (self.path / "errors.json").write_text(
+                    json.dumps(errors, indent=2, default=str), encoding="utf-8"
+                )
+        if results is None:
+            return
+        with self._guard(RESULTS_PICKLE):
+            tmp = self.path / (RESULTS_PICKLE + ".tmp")
+            tmp.write_bytes(cloudpickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL))
+            os.replace(tmp, self.path / RESULTS_PICKLE)
+        try:
+            text = json.dumps([[item, value] for item, value in results.items()])
+        except (TypeError, ValueError):
+            (self.path / "results.json").unlink(missing_ok=True)
+            return
+        with self._guard("results.json"):
+            (self.path / "results.json").write_text(text, encoding="utf-8")
+
+
+class _Guard:
+    """Turn an OSError while writing into a ResultsPathError naming the file."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path, self.what = path, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, OSError):
+            raise ResultsPathError(f"cannot write {self.what} under {self.path}: {exc}") from exc
+        return False
+
+
+def _round(value: Any) -> Any:
+    return round(value, 6) if isinstance(value, float) else value

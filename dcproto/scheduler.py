@@ -1,0 +1,656 @@
+"""The server's decisions as a pure state machine: projects, tasks, leases, worker credit, fairness.
+
+Theory of operation
+-------------------
+The server feeds events in (a worker joined or granted credit, a result arrived, a creator sent
+tasks, ``tick(now)``) and executes the actions that come back (send this task to that worker,
+forward this result to its creator, ask the creator for more tasks, finish the project). Nothing
+here touches a socket or reads a clock: time is always the ``now`` argument.
+
+A task's life (see ``TASK_TRANSITIONS``): it is *queued* when the creator sends it, *leased* when
+pushed to a worker with credit, and then *done* on its first valid result, or back to *queued*
+when its worker disconnects, its lease expires (no sign of life from the worker for
+``lease_timeout`` seconds), the worker rejects the project, or its child process crashed or timed
+out -- the last two count as failed attempts, capped by ``max_attempts``, after which the
+project fails with the reason. Every send carries an attempt number; a result must match the
+task's current attempt and worker or it is a late duplicate and is dropped.
+
+Workers are served one task per pass in turn, and each pass takes projects in rotation, so
+several projects share the workers fairly whatever their sizes. Creators stream tasks under a
+credit window so the server never holds more than a bounded number of queued tasks per project.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol as p
+
+
+class TaskState(enum.Enum):
+    QUEUED = "queued"
+    LEASED = "leased"
+    DONE = "done"
+    FAILED = "failed"
+
+
+#: (state, event) -> next state: every transition a task may take.
+TASK_TRANSITIONS: dict[tuple[TaskState, str], TaskState] = {
+    (TaskState.QUEUED, "lease"): TaskState.LEASED,
+    (TaskState.LEASED, "result_ok"): TaskState.DONE,
+    (TaskState.LEASED, "worker_lost"): TaskState.QUEUED,
+    (TaskState.LEASED, "lease_expired"): TaskState.QUEUED,
+    (TaskState.LEASED, "rejected"): TaskState.QUEUED,
+    (TaskState.LEASED, "attempt_failed"): TaskState.QUEUED,
+    (TaskState.LEASED, "attempts_exhausted"): TaskState.FAILED,
+}
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "lease_timeout": 30.0,  # seconds without a sign of life before a worker's tasks move on
+    "task_timeout": None,  # seconds one task may run in a worker's child process
+    "max_attempts": 3,  # crashes or timeouts of one task before the project fails
+    "errors": "raise",  # an exception in user code: "raise" fails the project, "skip" drops it
+    "fail_when_unrunnable": False,  # fail at once when no connected worker can run the project
+}
+MIN_WINDOW = 32  # queued tasks per project the server accepts even with no worker yet
+
+
+def normalize_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Known options with defaults filled in; raises ValueError on a bad value."""
+    merged = dict(DEFAULT_OPTIONS)
+    merged.update({k: v for k, v in options.items() if k in DEFAULT_OPTIONS})
+    if not isinstance(merged["lease_timeout"], int | float) or merged["lease_timeout"] <= 0:
+        raise ValueError("lease_timeout must be a positive number")
+    timeout = merged["task_timeout"]
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        raise ValueError("task_timeout must be a positive number or None")
+    if type(merged["max_attempts"]) is not int or merged["max_attempts"] < 1:
+        raise ValueError("max_attempts must be an integer >= 1")
+    if merged["errors"] not in p.ERROR_POLICIES:
+        raise ValueError(f"errors must be one of {p.ERROR_POLICIES}")
+    merged["fail_when_unrunnable"] = bool(merged["fail_when_unrunnable"])
+    return merged
+
+
+# ---- actions: what the I/O layer must do ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendProject:
+    worker_id: str
+    message: p.Project
+
+
+@dataclass(frozen=True, slots=True)
+class SendTask:
+    worker_id: str
+    message: p.Task
+
+
+@dataclass(frozen=True, slots=True)
+class AbandonTasks:
+    worker_id: str
+    task_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ToCreator:
+    """A message for the creator connection ``creator_id`` (TaskDone, More, Notice, Finished)."""
+
+    creator_id: str
+    message: p.Message
+
+
+Action = SendProject | SendTask | AbandonTasks | ToCreator
+
+
+# ---- records ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class TaskRecord:
+    task_id: int
+    project_id: str
+    seq: int
+    items: bytes
+    n_items: int
+    state: TaskState = TaskState.QUEUED
+    attempt: int = 0  # attempts sent so far; a result must carry the current one
+    failures: int = 0  # crashes and timeouts
+    failed_on: set[str] = field(default_factory=set)
+    worker_id: str | None = None
+    sent_at: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class ProjectRecord:
+    project_id: str
+    creator_id: str
+    name: str
+    message: p.Project  # what each worker is sent before its first task
+    options: dict[str, Any]
+    submitted_at: float
+    status: str = "running"
+    queue: deque[int] = field(default_factory=deque)
+    retries: deque[int] = field(default_factory=deque)  # failed attempts, served first
+    leased: set[int] = field(default_factory=set)
+    credit_outstanding: int = 0  # tasks the creator may still send without asking
+    total_tasks: int | None = None  # known once the creator sent End
+    tasks_received: int = 0
+    tasks_done: int = 0
+    items_done: int = 0
+    items_kept: int = 0
+    tasks_reissued: int = 0
+    duplicates_dropped: int = 0
+    rejected_by: set[str] = field(default_factory=set)
+    per_worker: Counter[str] = field(default_factory=Counter)
+    first_started_at: float | None = None
+    finished_at: float | None = None
+    unrunnable_noticed: bool = False
+
+    def has_queued(self) -> bool:
+        return bool(self.queue or self.retries)
+
+
+@dataclass(slots=True, eq=False)
+class WorkerRecord:
+    worker_id: str
+    device_id: str
+    name: str
+    slots: int
+    last_seen: float
+    credit: int = 0
+    leased: set[int] = field(default_factory=set)
+    loaded: set[str] = field(default_factory=set)
+
+
+class Scheduler:
+    """All of the server's scheduling state. Every event method returns the actions to run."""
+
+    def __init__(self) -> None:
+        self.projects: dict[str, ProjectRecord] = {}
+        self.tasks: dict[int, TaskRecord] = {}
+        self.workers: dict[str, WorkerRecord] = {}
+        self._ready: OrderedDict[str, None] = OrderedDict()  # workers with credit > 0
+        self._active: deque[str] = deque()  # running projects with queued tasks, in turn
+        self._next_task_id = 1
+        self._total_slots = 0
+        self._actions: list[Action] = []
+
+    # ---- workers -----------------------------------------------------------------------------
+
+    def add_worker(
+        self, worker_id: str, *, device_id: str, name: str, slots: int, now: float
+    ) -> list[Action]:
+        if worker_id in self.workers:
+            raise ValueError(f"worker {worker_id} is already connected")
+        self.workers[worker_id] = WorkerRecord(worker_id, device_id, name, slots, now)
+        self._total_slots += slots
+        for project in self.projects.values():
+            project.unrunnable_noticed = False
+        self._grant_creators()
+        return self._flush(now)
+
+    def worker_seen(self, worker_id: str, now: float) -> None:
+        """Any frame from the worker: it is alive, so its leases are renewed."""
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.last_seen = now
+
+    def worker_credit(self, worker_id: str, credit: int, now: float) -> list[Action]:
+        worker = self.workers[worker_id]
+        worker.last_seen = now
+        self._add_credit(worker, credit)
+        return self._flush(now)
+
+    def remove_worker(self, worker_id: str, now: float) -> list[Action]:
+        """The worker's connection closed: its tasks go back to the front of their queues."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return []
+        self._ready.pop(worker_id, None)
+        self._total_slots -= worker.slots
+        for task_id in list(worker.leased):
+            self._requeue(self.tasks[task_id], reissue=True)
+        worker.leased.clear()
+        for project in list(self.projects.values()):
+            self._check_runnable(project, now)
+        return self._flush(now)
+
+    def worker_rejects(
+        self, worker_id: str, project_id: str, reason: str, now: float
+    ) -> list[Action]:
+        """The worker cannot run the project; its tasks of it move on, uncounted as failures."""
+        worker = self.workers[worker_id]
+        worker.last_seen = now
+        project = self.projects.get(project_id)
+        if project is None or project.status != "running":
+            return self._flush(now)
+        project.rejected_by.add(worker.worker_id)
+        for task_id in [t for t in worker.leased if self.tasks[t].project_id == project_id]:
+            self._requeue(self.tasks[task_id], reissue=False)
+            # the worker still answers each task (outcome abandoned), which returns its credit
+        self._check_runnable(project, now, reason=reason)
+        return self._flush(now)
+
+    def task_result(self, worker_id: str, result: p.Result, now: float) -> list[Action]:
+        worker = self.workers[worker_id]
+        worker.last_seen = now
+        self._add_credit(worker, result.credit)
+        task = self.tasks.get(result.task_id)
+        if task is not None and result.task_id in worker.leased:
+            worker.leased.discard(result.task_id)
+        if (
+            task is None
+            or task.state is not TaskState.LEASED
+            or task.worker_id != worker_id
+            or task.attempt != result.attempt
+        ):
+            if task is not None and result.outcome != "abandoned":
+                self.projects[task.project_id].duplicates_dropped += 1
+            return self._flush(now)
+        project = self.projects[task.project_id]
+        outcome = result.outcome
+        if outcome == "ok":
+            self._complete(project, task, worker, result, now)
+        elif outcome == "stop":
+            self._complete(project, task, worker, result, now, forward=False)
+            self._finish(project, "stopped", now, stop=[task.seq, result.payload])
+        elif outcome == "error":
+            error = dict(result.error or {})
+            error.setdefault("reason", "exception")
+            error["attempts"] = task.attempt
+            self._task_over(project, task, TaskState.FAILED)
+            self._finish(project, "failed", now, error=error)
+        elif outcome == "load_error":
+            message = (result.error or {}).get("message", "the project could not be loaded")
+            self._requeue(task, reissue=False)
+            project.rejected_by.add(worker_id)
+            self._check_runnable(project, now, reason=message)
+        elif outcome == "abandoned":
+            # the worker gave the task back on its own (e.g. it is shutting down)
+            self._requeue(task, reissue=True)
+        else:  # crash or timeout: a failed attempt
+            task.failures += 1
+            task.failed_on.add(worker_id)
+            if task.failures >= project.options["max_attempts"]:
+                self._task_over(project, task, TaskState.FAILED)
+                error = dict(result.error or {})
+                error["reason"] = outcome
+                error["attempts"] = task.attempt
+                error.setdefault("message", f"task failed {task.failures} times ({outcome})")
+                self._finish(project, "failed", now, error=error)
+            else:
+                self._requeue(task, reissue=True, retry=True)
+        return self._flush(now)
+
+    # ---- creators ----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        creator_id: str,
+        project_id: str,
+        submit: p.Submit,
+        now: float,
+    ) -> list[Action]:
+        """Register a project; the creator is granted its first credit. Raises ValueError."""
+        if project_id in self.projects:
+            raise ValueError(f"project {project_id} exists")
+        options = normalize_options(submit.options)
+        message = p.Project(
+            project_id=project_id,
+            code=submit.code,
+            modules=list(submit.modules),
+            parallel=submit.parallel,
+            stop=submit.stop,
+            only_if=submit.only_if,
+            options=options,
+        )
+        project = ProjectRecord(project_id, creator_id, submit.name, message, options, now)
+        self.projects[project_id] = project
+        project.credit_outstanding = self._window()
+        self._actions.append(
+            ToCreator(
+                creator_id,
+                p.Accepted(
+                    ref=submit.ref, project_id=project_id, credit=project.credit_outstanding
+                ),
+            )
+        )
+        return self._flush(now)
+
+    def add_tasks(self, creator_id: str, message: p.Tasks, now: float) -> list[Action]:
+        project = self._own_project(creator_id, message.project_id)
+        if project is None or project.status != "running":
+            return self._flush(now)  # tasks racing a stop or cancel are simply dropped
+        if not project.queue and not project.retries and message.tasks:
+            self._active.append(project.project_id)
+        for seq, items, n_items in message.tasks:
+            task = TaskRecord(self._next_task_id, project.project_id, seq, items, n_items)
+            self._next_task_id += 1
+            self.tasks[task.task_id] = task
+            project.queue.append(task.task_id)
+        project.tasks_received += len(message.tasks)
+        project.credit_outstanding = max(0, project.credit_outstanding - len(message.tasks))
+        self._check_runnable(project, now)
+        return self._flush(now)
+
+    def end_tasks(self, creator_id: str, message: p.End, now: float) -> list[Action]:
+        project = self._own_project(creator_id, message.project_id)
+        if project is None or project.status != "running":
+            return self._flush(now)
+        project.total_tasks = message.total_tasks
+        project.credit_outstanding = 0
+        self._maybe_done(project, now)
+        return self._flush(now)
+
+    def cancel(self, creator_id: str, project_id: str, now: float) -> list[Action]:
+        project = self._own_project(creator_id, project_id)
+        if project is not None and project.status == "running":
+            self._finish(project, "cancelled", now)
+        return self._flush(now)
+
+    def remove_creator(self, creator_id: str, now: float) -> list[Action]:
+        """The creator's connection closed: its running projects are cancelled."""
+        for project in list(self.projects.values()):
+            if project.creator_id == creator_id and project.status == "running":
+                self._finish(project, "cancelled", now, tell_creator=False)
+        for project_id in [k for k, v in self.projects.items() if v.creator_id == creator_id]:
+            self._forget(project_id)
+        return self._flush(now)
+
+    def forget_project(self, project_id: str) -> None:
+        """Drop a finished project's record (its results were delivered)."""
+        project = self.projects.get(project_id)
+        if project is not None and project.status != "running":
+            self._forget(project_id)
+
+    # ---- time --------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Action]:
+        """Expire leases of workers not heard from within their projects' lease_timeout."""
+        for worker in list(self.workers.values()):
+            expired = [
+                task_id
+                for task_id in worker.leased
+                if now - max(worker.last_seen, self.tasks[task_id].sent_at)
+                > self.projects[self.tasks[task_id].project_id].options["lease_timeout"]
+            ]
+            for task_id in expired:
+                worker.leased.discard(task_id)
+                self._requeue(self.tasks[task_id], reissue=True)
+            if expired:
+                # the worker may be frozen, not dead: if it wakes it must drop these tasks
+                self._actions.append(AbandonTasks(worker.worker_id, expired))
+        return self._flush(now)
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` next has something to do, or None if no task is leased."""
+        deadline: float | None = None
+        for worker in self.workers.values():
+            for task_id in worker.leased:
+                task = self.tasks[task_id]
+                expires = (
+                    max(worker.last_seen, task.sent_at)
+                    + (self.projects[task.project_id].options["lease_timeout"])
+                )
+                if deadline is None or expires < deadline:
+                    deadline = expires
+        return deadline
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _own_project(self, creator_id: str, project_id: str) -> ProjectRecord | None:
+        project = self.projects.get(project_id)
+        if project is None or project.creator_id != creator_id:
+            return None
+        return project
+
+    def _add_credit(self, worker: WorkerRecord, credit: int) -> None:
+        if credit > 0:
+            worker.credit += credit
+            self._ready[worker.worker_id] = None
+
+    def _window(self) -> int:
+        return max(MIN_WINDOW, 4 * self._total_slots)
+
+    def _requeue(self, task: TaskRecord, *, reissue: bool, retry: bool = False) -> None:
+        project = self.projects[task.project_id]
+        worker = self.workers.get(task.worker_id or "")
+        if worker is not None:
+            worker.leased.discard(task.task_id)
+        project.leased.discard(task.task_id)
+        task.state = TaskState.QUEUED
+        task.worker_id = None
+        if project.status != "running":
+            return
+        if reissue:
+            project.tasks_reissued += 1
+        if not project.has_queued():
+            self._active.append(project.project_id)
+        if retry:
+            project.retries.append(task.task_id)
+        else:
+            project.queue.appendleft(task.task_id)
+
+    def _complete(
+        self,
+        project: ProjectRecord,
+        task: TaskRecord,
+        worker: WorkerRecord,
+        result: p.Result,
+        now: float,
+        *,
+        forward: bool = True,
+    ) -> None:
+        self._task_over(project, task, TaskState.DONE)
+        project.tasks_done += 1
+        project.items_done += result.n_items
+        project.items_kept += result.n_kept
+        project.per_worker[worker.name] += 1
+        if forward:
+            stats = dict(result.stats)
+            stats.update(worker=worker.name, attempt=task.attempt, round_trip=now - task.sent_at)
+            self._actions.append(
+                ToCreator(
+                    project.creator_id,
+                    p.TaskDone(
+                        project_id=project.project_id,
+                        seq=task.seq,
+                        payload=result.payload,
+                        n_items=result.n_items,
+                        n_kept=result.n_kept,
+                        files=result.files,
+                        stats=stats,
+                    ),
+                )
+            )
+            self._maybe_done(project, now)
+
+    def _task_over(self, project: ProjectRecord, task: TaskRecord, state: TaskState) -> None:
+        task.state = state
+        project.leased.discard(task.task_id)
+        task.items = b""  # the payload is no longer needed; keep memory flat
+        del self.tasks[task.task_id]
+
+    def _maybe_done(self, project: ProjectRecord, now: float) -> None:
+        if (
+            project.status == "running"
+            and project.total_tasks is not None
+            and project.tasks_done >= project.total_tasks
+        ):
+            self._finish(project, "done", now)
+
+    def _finish(
+        self,
+        project: ProjectRecord,
+        status: str,
+        now: float,
+        *,
+        error: dict[str, Any] | None = None,
+        stop: list[Any] | None = None,
+        tell_creator: bool = True,
+    ) -> None:
+        project.status = status
+        project.finished_at = now
+        by_worker: dict[str, list[int]] = {}
+        for task_id in project.leased:
+            task = self.tasks[task_id]
+            worker = self.workers.get(task.worker_id or "")
+            if worker is not None:
+                worker.leased.discard(task_id)
+                by_worker.setdefault(worker.worker_id, []).append(task_id)
+        for worker_id, task_ids in by_worker.items():
+            self._actions.append(AbandonTasks(worker_id, sorted(task_ids)))
+        for task_id in [*project.leased, *project.queue, *project.retries]:
+            self.tasks.pop(task_id, None)
+        project.leased.clear()
+        project.queue.clear()
+        project.retries.clear()
+        if tell_creator:
+            self._actions.append(
+                ToCreator(
+                    project.creator_id,
+                    p.Finished(
+                        project_id=project.project_id,
+                        status=status,
+                        error=error,
+                        stop=stop,
+                        stats=self.project_stats(project),
+                    ),
+                )
+            )
+
+    def _forget(self, project_id: str) -> None:
+        self.projects.pop(project_id, None)
+        for worker in self.workers.values():
+            worker.loaded.discard(project_id)
+
+    def project_stats(self, project: ProjectRecord) -> dict[str, Any]:
+        return {
+            "submitted_at": project.submitted_at,
+            "first_started_at": project.first_started_at,
+            "finished_at": project.finished_at,
+            "tasks_done": project.tasks_done,
+            "items_done": project.items_done,
+            "items_kept": project.items_kept,
+            "tasks_reissued": project.tasks_reissued,
+            "duplicates_dropped": project.duplicates_dropped,
+            "per_worker": dict(project.per_worker),
+        }
+
+    def _check_runnable(self, project: ProjectRecord, now: float, reason: str = "") -> None:
+        """Say so (or fail) when every connected worker has rejected a project with work."""
+        if project.status != "running" or not self.workers or not project.has_queued():
+            return
+        if any(w not in project.rejected_by for w in self.workers):
+            return
+        text = f"no connected worker can run project {project.name!r}"
+        if reason:
+            text += f": {reason}"
+        if project.options["fail_when_unrunnable"]:
+            error = {"reason": "unrunnable", "message": text}
+            self._finish(project, "failed", now, error=error)
+        elif not project.unrunnable_noticed:
+            project.unrunnable_noticed = True
+            self._actions.append(
+                ToCreator(
+                    project.creator_id,
+                    p.Notice(project_id=project.project_id, level="warning", text=text),
+                )
+            )
+
+    def _grant_creators(self) -> None:
+        """Top up each running project's creator credit to the window, in batches."""
+        window = self._window()
+        for project in self.projects.values():
+            if project.status != "running" or project.total_tasks is not None:
+                continue
+            pending = len(project.queue) + len(project.retries) + project.credit_outstanding
+            want = window - pending
+            if want >= max(1, window // 4):
+                project.credit_outstanding += want
+                self._actions.append(
+                    ToCreator(
+                        project.creator_id, p.More(project_id=project.project_id, credit=want)
+                    )
+                )
+
+    def _next_task_for(self, worker: WorkerRecord) -> TaskRecord | None:
+        active = self._active
+        for _ in range(len(active)):
+            project_id = active[0]
+            project = self.projects.get(project_id)
+            if project is None or project.status != "running" or not project.has_queued():
+                active.popleft()
+                continue
+            active.rotate(-1)
+            if worker.worker_id in project.rejected_by:
+                continue
+            task_id = self._pick(project, worker)
+            if not project.has_queued() and active and active[-1] == project_id:
+                active.pop()
+            return self.tasks[task_id]
+        return None
+
+    def _pick(self, project: ProjectRecord, worker: WorkerRecord) -> int:
+        # A retried task goes to a worker it has not failed on when one is asking; it goes to
+        # any worker only when nothing else is queued, so a one-worker setup still progresses.
+        for index, task_id in enumerate(project.retries):
+            if worker.worker_id not in self.tasks[task_id].failed_on:
+                del project.retries[index]
+                return task_id
+        if project.queue:
+            return project.queue.popleft()
+        return project.retries.popleft()
+
+    def _lease(self, task: TaskRecord, worker: WorkerRecord, now: float) -> None:
+        project = self.projects[task.project_id]
+        if project.project_id not in worker.loaded:
+            worker.loaded.add(project.project_id)
+            self._actions.append(SendProject(worker.worker_id, project.message))
+        task.state = TaskState.LEASED
+        task.attempt += 1
+        task.worker_id = worker.worker_id
+        task.sent_at = now
+        worker.leased.add(task.task_id)
+        worker.credit -= 1
+        project.leased.add(task.task_id)
+        if project.first_started_at is None:
+            project.first_started_at = now
+        self._actions.append(
+            SendTask(
+                worker.worker_id,
+                p.Task(
+                    task_id=task.task_id,
+                    project_id=task.project_id,
+                    attempt=task.attempt,
+                    items=task.items,
+                ),
+            )
+        )
+
+    def _dispatch(self, now: float) -> None:
+        # one task per ready worker per pass, so prefetching workers do not hog the queue
+        while self._ready and self._active:
+            progressed = False
+            for worker_id in list(self._ready):
+                worker = self.workers[worker_id]
+                task = self._next_task_for(worker)
+                if task is None:
+                    continue
+                self._lease(task, worker, now)
+                progressed = True
+                if worker.credit <= 0:
+                    del self._ready[worker_id]
+            if not progressed:
+                break
+
+    def _flush(self, now: float) -> list[Action]:
+        self._dispatch(now)
+        self._grant_creators()
+        actions, self._actions = self._actions, []
+        return actions

@@ -1,0 +1,406 @@
+"""The asyncio TCP server: handshake and auth, one protocol object per connection, timers.
+
+It makes no decisions: frames become scheduler events, and the scheduler's actions become frames.
+Writes are coalesced: a connection that has something to send is flushed once per loop turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from . import protocol as p
+from . import scheduler as s
+from .errors import LocalProtocolError
+from .store import Store, default_state_dir, load_or_create_secret
+
+log = logging.getLogger("dcproto.server")
+
+SECRET_ENV = "DCPROTO_SECRET"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_HEARTBEAT = 5.0
+SILENCE_FACTOR = 3  # a peer silent for this many heartbeat intervals is considered gone
+HANDSHAKE_TIMEOUT = 10.0
+MAX_WRITE_BUFFER = 256 * 1024 * 1024  # a peer that stops reading is cut off past this
+
+
+class ServerConnection(asyncio.Protocol):
+    """The I/O shell around one :class:`protocol.Connection`."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.conn_id = f"c{next(server.connection_ids)}"
+        self.proto = p.Connection("server", max_frame=server.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.nonce = secrets.token_bytes(32)
+        self.device_id: str | None = None
+        self.role: str | None = None
+        self.name = "?"
+        self.last_received = time.monotonic()
+        self.last_sent = self.last_received
+        self.opened_at = self.last_received
+
+    # asyncio callbacks -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        transport.set_write_buffer_limits(high=4 * 1024 * 1024)
+        self.server.connections[self.conn_id] = self
+        self.send(
+            p.Challenge(
+                version=p.PROTOCOL_VERSION, nonce=self.nonce, max_frame=self.server.max_frame
+            )
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.last_received = time.monotonic()
+        messages = self.proto.receive_data(data)
+        for message in messages:
+            self.server.handle(self, message)
+        if self.proto.error is not None:
+            log.warning("closing %s (%s): %s", self.conn_id, self.name, self.proto.error)
+        self.server.mark_dirty(self)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.lost(self)
+
+    # sending -----------------------------------------------------------------------------------
+
+    def send(self, message: p.Message) -> None:
+        if self.proto.state is p.State.CLOSED:
+            return
+        try:
+            self.proto.send(message)
+        except LocalProtocolError as exc:
+            log.error("cannot send %s to %s: %s", type(message).__name__, self.conn_id, exc)
+            return
+        self.server.mark_dirty(self)
+
+    def flush(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        data = self.proto.data_to_send()
+        if data:
+            self.transport.write(data)
+            self.last_sent = time.monotonic()
+            if self.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+                log.warning("%s is not reading; closing it", self.conn_id)
+                self.transport.abort()
+                return
+        if self.proto.state is p.State.CLOSED:
+            self.transport.close()
+
+    def close(self, code: str, message: str) -> None:
+        self.send(p.Error(code=code, message=message))
+        self.server.mark_dirty(self)
+
+
+class Server:
+    def __init__(
+        self,
+        *,
+        secret: str,
+        state_dir: Path,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        max_frame: int = p.DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.secret = secret
+        self.state_dir = state_dir
+        self.heartbeat = heartbeat
+        self.max_frame = max_frame
+        self.scheduler = s.Scheduler()
+        self.store = Store(state_dir)
+        self.connections: dict[str, ServerConnection] = {}
+        self.workers: dict[str, ServerConnection] = {}
+        self.creators: dict[str, ServerConnection] = {}
+        self.connection_ids = itertools.count(1)
+        self._dirty: dict[str, ServerConnection] = {}
+        self._flush_scheduled = False
+        self._server: asyncio.base_events.Server | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.address: tuple[str, int] | None = None
+
+    # lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: ServerConnection(self), host, port)
+        sockname = self._server.sockets[0].getsockname()
+        self.address = (sockname[0], sockname[1])
+        self._timer = asyncio.create_task(self._run_timers())
+        return self.address
+
+    async def stop(self, reason: str = "server shutting down") -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections.values()):
+            conn.send(p.Goodbye(reason=reason))
+            conn.flush()
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+        for conn in list(self.connections.values()):
+            if conn.transport is not None:
+                conn.transport.close()
+        await asyncio.sleep(0)
+        self.store.close()
+
+    # coalesced writes --------------------------------------------------------------------------
+
+    def mark_dirty(self, conn: ServerConnection) -> None:
+        self._dirty[conn.conn_id] = conn
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, {}
+        for conn in dirty.values():
+            conn.flush()
+
+    # events ------------------------------------------------------------------------------------
+
+    def handle(self, conn: ServerConnection, message: p.Message) -> None:
+        now = time.monotonic()
+        if conn.role == "worker":
+            self.scheduler.worker_seen(conn.conn_id, now)
+        match message:
+            case p.Hello():
+                self._hello(conn, message, now)
+            case p.Credit():
+                self._run(self.scheduler.worker_credit(conn.conn_id, message.credit, now))
+            case p.Result():
+                self._run(self.scheduler.task_result(conn.conn_id, message, now))
+            case p.Reject():
+                log.info("%s cannot run %s: %s", conn.name, message.project_id, message.reason)
+                self._run(
+                    self.scheduler.worker_rejects(
+                        conn.conn_id, message.project_id, message.reason, now
+                    )
+                )
+            case p.Submit():
+                self._submit(conn, message, now)
+            case p.Tasks():
+                self._run(self.scheduler.add_tasks(conn.conn_id, message, now))
+            case p.End():
+                self._run(self.scheduler.end_tasks(conn.conn_id, message, now))
+            case p.Cancel():
+                self._run(self.scheduler.cancel(conn.conn_id, message.project_id, now))
+            case p.Goodbye() | p.Error():
+                log.info("%s (%s) closes: %s", conn.conn_id, conn.name, message)
+            case _:
+                pass  # Heartbeat: liveness was recorded above
+
+    def _hello(self, conn: ServerConnection, hello: p.Hello, now: float) -> None:
+        if not p.check_auth(self.secret, conn.nonce, hello.auth):
+            log.warning("%s: wrong secret from %s", conn.conn_id, hello.name)
+            conn.close("auth_failed", "the server refused the secret")
+            return
+        device_id = hello.device_id
+        if not device_id or not self.store.known_device(device_id):
+            device_id = uuid.uuid4().hex
+        conn.device_id = device_id
+        conn.role = hello.role
+        conn.name = hello.name or device_id[:8]
+        self.store.device_seen(device_id, conn.name, hello.role)
+        conn.send(
+            p.Welcome(
+                device_id=device_id, heartbeat_interval=self.heartbeat, max_frame=self.max_frame
+            )
+        )
+        log.info("%s joined as %s (%s, %d slots)", conn.name, hello.role, conn.conn_id, hello.slots)
+        if hello.role == "worker":
+            self.workers[conn.conn_id] = conn
+            self._run(
+                self.scheduler.add_worker(
+                    conn.conn_id, device_id=device_id, name=conn.name, slots=hello.slots, now=now
+                )
+            )
+        else:
+            self.creators[conn.conn_id] = conn
+
+    def _submit(self, conn: ServerConnection, submit: p.Submit, now: float) -> None:
+        project_id = uuid.uuid4().hex
+        try:
+            actions = self.scheduler.submit(conn.conn_id, project_id, submit, now)
+        except ValueError as exc:
+            conn.send(p.Accepted(ref=submit.ref, project_id=project_id, credit=0))
+            conn.send(
+                p.Finished(
+                    project_id=project_id,
+                    status="failed",
+                    error={"reason": "bad_options", "message": str(exc)},
+                    stop=None,
+                    stats={},
+                )
+            )
+            return
+        self.store.project_submitted(project_id, submit.name, conn.device_id or "")
+        log.info("project %s (%s) submitted by %s", project_id, submit.name, conn.name)
+        self._run(actions)
+
+    def lost(self, conn: ServerConnection) -> None:
+        self.connections.pop(conn.conn_id, None)
+        self._dirty.pop(conn.conn_id, None)
+        now = time.monotonic()
+        if self.workers.pop(conn.conn_id, None) is not None:
+            log.info("worker %s left", conn.name)
+            self._run(self.scheduler.remove_worker(conn.conn_id, now))
+        if self.creators.pop(conn.conn_id, None) is not None:
+            self._run(self.scheduler.remove_creator(conn.conn_id, now))
+
+    def _run(self, actions: list[s.Action]) -> None:
+        for action in actions:
+            match action:
+                case s.SendTask(worker_id, message) | s.SendProject(worker_id, message):
+                    conn = self.workers.get(worker_id)
+                    if conn is not None:
+                        conn.send(message)
+                case s.AbandonTasks(worker_id, task_ids):
+                    conn = self.workers.get(worker_id)
+                    if conn is not None:
+                        conn.send(p.Abandon(task_ids=task_ids))
+                case s.ToCreator(creator_id, message):
+                    conn = self.creators.get(creator_id)
+                    if conn is not None:
+                        conn.send(message)
+                    if isinstance(message, p.Finished):
+                        self._finished(message)
+        self._wake.set()
+
+    def _finished(self, message: p.Finished) -> None:
+        log.info("project %s %s", message.project_id, message.status)
+        with contextlib.suppress(Exception):
+            self.store.project_finished(message.project_id, message.status, message.stats)
+        self.scheduler.forget_project(message.project_id)
+
+    # timers ------------------------------------------------------------------------------------
+
+    async def _run_timers(self) -> None:
+        """Lease expiry, heartbeats and silent-peer detection."""
+        while True:
+            now = time.monotonic()
+            self._run(self.scheduler.tick(now))
+            self._check_liveness(now)
+            self._wake.clear()
+            wait = self.heartbeat / 2
+            deadline = self.scheduler.next_deadline()
+            if deadline is not None:
+                wait = max(0.01, min(wait, deadline - time.monotonic() + 0.001))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    def _check_liveness(self, now: float) -> None:
+        silence_limit = self.heartbeat * SILENCE_FACTOR
+        for conn in list(self.connections.values()):
+            if conn.role is None:
+                if now - conn.opened_at > HANDSHAKE_TIMEOUT:
+                    conn.close("handshake_timeout", "no Hello in time")
+                continue
+            if now - conn.last_received > silence_limit:
+                log.warning(
+                    "%s (%s) silent for %.1f s; dropping it",
+                    conn.conn_id,
+                    conn.name,
+                    now - conn.last_received,
+                )
+                if conn.transport is not None:
+                    conn.transport.abort()
+            elif now - conn.last_sent > self.heartbeat:
+                conn.send(p.Heartbeat())
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def join_host(host: str) -> str:
+    """The address other machines should use to reach a server bound to ``host``."""
+    if host in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return host
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dcproto-server", description="Run the dcproto coordinator server."
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free)")
+    parser.add_argument("--state-dir", type=Path, default=None, help="where state is kept")
+    parser.add_argument(
+        "--secret", default=None, help=f"shared secret (or ${SECRET_ENV}; default: generated)"
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        default=DEFAULT_HEARTBEAT,
+        help="seconds between heartbeats on idle connections",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    return parser
+
+
+async def serve(args: argparse.Namespace) -> int:
+    state_dir: Path = args.state_dir or default_state_dir()
+    secret = args.secret or os.environ.get(SECRET_ENV) or load_or_create_secret(state_dir)
+    server = Server(secret=secret, state_dir=state_dir, heartbeat=args.heartbeat)
+    try:
+        host, port = await server.start(args.host, args.port)
+    except OSError as exc:
+        print(f"dcproto-server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    print(f"dcproto server listening on {host}:{port}", flush=True)
+    print(f"state dir: {state_dir}", flush=True)
+    print(
+        f"to join from another machine: dcproto users add NAME {join_host(args.host)}:{port} "
+        f"--secret {secret}",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    install_uvloop()
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

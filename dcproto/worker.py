@@ -1,0 +1,431 @@
+"""The volunteer worker: connect, take pushed tasks, run them in child processes, send results.
+
+``dcproto-worker connect HOST[:PORT]|ALIAS [--tasks N] [--slots K]`` runs it; with no arguments
+it opens the interactive menu (see :mod:`dcproto.menu`). A lost connection abandons the tasks in
+hand (the server re-issues them) and reconnects with capped, jittered backoff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import random
+import socket
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from . import protocol as p
+from .errors import AuthenticationFailed, ConnectionFailed, DcprotoError, UsageError
+from .runner import Outcome, Runner, default_slots
+
+log = logging.getLogger("dcproto.worker")
+
+CONNECT_TIMEOUT = 10.0
+BACKOFF_START = 0.2
+BACKOFF_CAP = 10.0
+MAX_CACHED_PROJECTS = 64
+
+
+@dataclass(kw_only=True)
+class WorkerConfig:
+    host: str
+    port: int
+    secret: str
+    device_id: str | None = None
+    name: str = ""
+    slots: int = 0  # 0: one per CPU
+    prefetch: int | None = None  # tasks held beyond the slots; None: as many as slots
+    max_tasks: int | None = None  # exit after this many finished tasks
+    reconnect: bool = True
+
+
+def missing_modules(names: list[str]) -> list[str]:
+    missing = []
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):
+            missing.append(name)
+    return missing
+
+
+class Worker:
+    """One worker process's client. ``await run()`` returns when ``max_tasks`` are done, on
+    :meth:`stop`, or raises when the server cannot be joined at all."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.slots = config.slots or default_slots()
+        self.prefetch = self.slots if config.prefetch is None else config.prefetch
+        self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
+        self.device_id = config.device_id
+        self.completed = 0
+        self.runner = Runner(self.slots)
+        self._projects: OrderedDict[str, p.Project] = OrderedDict()
+        self._rejected: set[str] = set()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._stopping = asyncio.Event()
+        self._open_credit = 0
+        self._proto: p.Connection | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._last_sent = 0.0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def done(self) -> bool:
+        return self.config.max_tasks is not None and self.completed >= self.config.max_tasks
+
+    async def run(self) -> None:
+        await self.runner.start()
+        try:
+            backoff = BACKOFF_START
+            while not self._stopping.is_set() and not self.done:
+                try:
+                    await self._session()
+                    backoff = BACKOFF_START
+                except AuthenticationFailed:
+                    raise
+                except (ConnectionFailed, OSError) as exc:
+                    if not self.config.reconnect:
+                        raise ConnectionFailed(str(exc)) from exc
+                    log.warning("connection to server lost: %s", exc)
+                if self._stopping.is_set() or self.done:
+                    break
+                delay = backoff * random.uniform(0.5, 1.5)
+                log.info("reconnecting in %.1f s", delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                backoff = min(BACKOFF_CAP, backoff * 2)
+        finally:
+            await self._abandon_all()
+            await self.runner.close()
+
+    # ---- one connection ------------------------------------------------------------------------
+
+    async def _session(self) -> None:
+        cfg = self.config
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(cfg.host, cfg.port, limit=2**20), CONNECT_TIMEOUT
+            )
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionFailed(f"cannot reach {cfg.host}:{cfg.port}: {exc}") from exc
+        proto = p.Connection("client", role="worker")
+        self._proto, self._writer = proto, writer
+        heartbeat = asyncio.create_task(self._heartbeats())
+        try:
+            await self._handshake(reader, proto)
+            self._open_credit = 0
+            self._grant(self.slots + self.prefetch)
+            self._flush()
+            stop_wait = asyncio.create_task(self._stopping.wait())
+            try:
+                while not self.done:
+                    read = asyncio.create_task(reader.read(2**20))
+                    finished, _ = await asyncio.wait(
+                        {read, stop_wait}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if stop_wait in finished:
+                        read.cancel()
+                        return
+                    data = read.result()
+                    if not data:
+                        raise ConnectionFailed("the server closed the connection")
+                    for message in proto.receive_data(data):
+                        self._handle(message)
+                    self._flush()
+                    if proto.state is p.State.CLOSED:
+                        if proto.error is not None:
+                            raise ConnectionFailed(f"protocol error: {proto.error}")
+                        raise ConnectionFailed("the server ended the session")
+            finally:
+                stop_wait.cancel()
+        finally:
+            heartbeat.cancel()
+            await self._abandon_all()
+            if proto.state is not p.State.CLOSED:
+                with contextlib.suppress(Exception):
+                    proto.send(p.Goodbye(reason="worker leaving"))
+                    self._flush()
+            self._proto = self._writer = None
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _handshake(self, reader: asyncio.StreamReader, proto: p.Connection) -> None:
+        async def next_message() -> p.Message:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionFailed("the server closed the connection during the handshake")
+                messages = proto.receive_data(data)
+                if proto.error is not None:
+                    self._flush()
+                    raise ConnectionFailed(f"protocol error in handshake: {proto.error}")
+                if messages:
+                    return messages[0]
+
+        async def steps() -> None:
+            challenge = await next_message()
+            if not isinstance(challenge, p.Challenge):
+                raise ConnectionFailed(f"server refused: {challenge}")
+            proto.send(
+                p.Hello(
+                    version=p.PROTOCOL_VERSION,
+                    role="worker",
+                    auth=p.auth_token(self.config.secret, challenge.nonce),
+                    device_id=self.device_id,
+                    name=self.name,
+                    slots=self.slots,
+                )
+            )
+            self._flush()
+            answer = await next_message()
+            if isinstance(answer, p.Error):
+                if answer.code == "auth_failed":
+                    raise AuthenticationFailed(answer.message)
+                raise ConnectionFailed(f"server refused: {answer.code}: {answer.message}")
+            if not isinstance(answer, p.Welcome):
+                raise ConnectionFailed(f"unexpected handshake answer {answer}")
+            self.device_id = answer.device_id
+            self.heartbeat_interval = answer.heartbeat_interval
+
+        await asyncio.wait_for(steps(), CONNECT_TIMEOUT)
+        log.info("connected to %s:%d as %s", self.config.host, self.config.port, self.device_id)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            interval = getattr(self, "heartbeat_interval", 5.0)
+            await asyncio.sleep(interval / 2)
+            if (
+                self._proto is not None
+                and self._proto.state is p.State.READY
+                and time.monotonic() - self._last_sent >= interval / 2
+            ):
+                self._proto.send(p.Heartbeat())
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._proto is None or self._writer is None:
+            return
+        data = self._proto.data_to_send()
+        if data and not self._writer.is_closing():
+            self._writer.write(data)
+            self._last_sent = time.monotonic()
+
+    def _send(self, message: p.Message) -> None:
+        if self._proto is not None and self._proto.state is p.State.READY:
+            self._proto.send(message)
+            self._flush()
+
+    # ---- credit ----------------------------------------------------------------------------------
+
+    def _grant(self, credit: int) -> None:
+        """Grant up to ``credit`` more tasks, never more than ``max_tasks`` allows."""
+        if self.config.max_tasks is not None:
+            credit = min(credit, self.config.max_tasks - self.completed - self._open_credit)
+        if credit > 0 and self._proto is not None:
+            self._open_credit += credit
+            self._proto.send(p.Credit(credit=credit))
+
+    def _credit_back(self) -> int:
+        """A task ended: the credit it used is returned if the task budget allows."""
+        self._open_credit -= 1
+        if self.config.max_tasks is not None and (
+            self.completed + self._open_credit >= self.config.max_tasks
+        ):
+            return 0
+        self._open_credit += 1
+        return 1
+
+    # ---- messages --------------------------------------------------------------------------------
+
+    def _handle(self, message: p.Message) -> None:
+        match message:
+            case p.Project():
+                self._projects[message.project_id] = message
+                self._projects.move_to_end(message.project_id)
+                while len(self._projects) > MAX_CACHED_PROJECTS:
+                    self._projects.popitem(last=False)
+                missing = missing_modules(message.modules)
+                if missing:
+                    self._rejected.add(message.project_id)
+                    reason = "missing modules: " + ", ".join(missing)
+                    log.warning("cannot run project %s: %s", message.project_id, reason)
+                    self._send(p.Reject(project_id=message.project_id, reason=reason))
+                else:
+                    self._rejected.discard(message.project_id)
+            case p.Task():
+                project = self._projects.get(message.project_id)
+                if project is None or message.project_id in self._rejected:
+                    outcome = "abandoned" if project is not None else "load_error"
+                    error = None if project else {"message": "Task before its Project"}
+                    self._reply(message, Outcome(outcome, error=error))
+                    return
+                self._tasks[message.task_id] = asyncio.create_task(self._run_task(project, message))
+            case p.Abandon():
+                for task_id in message.task_ids:
+                    running = self._tasks.get(task_id)
+                    if running is not None and not self.runner.abandon(task_id):
+                        running.cancel()  # still waiting for a child: drop it now
+            case p.Goodbye() | p.Error():
+                log.info("server says: %s", message)
+            case _:
+                pass
+
+    async def _run_task(self, project: p.Project, task: p.Task) -> None:
+        try:
+            outcome = await self.runner.run(project, task)
+        except asyncio.CancelledError:
+            outcome = Outcome("abandoned")
+        except Exception as exc:  # the runner itself failed: report, never die
+            log.exception("runner failed on task %d", task.task_id)
+            outcome = Outcome("crash", error={"message": f"worker error: {exc}"})
+        finally:
+            self._tasks.pop(task.task_id, None)
+        self._reply(task, outcome)
+
+    def _reply(self, task: p.Task, outcome: Outcome) -> None:
+        if outcome.outcome != "abandoned":
+            self.completed += 1
+        credit = self._credit_back()
+        self._send(
+            p.Result(
+                task_id=task.task_id,
+                attempt=task.attempt,
+                outcome=outcome.outcome,
+                payload=outcome.payload,
+                n_items=outcome.n_items,
+                n_kept=outcome.n_kept,
+                error=outcome.error,
+                stats=outcome.stats,
+                files=outcome.files,
+                credit=credit,
+            )
+        )
+        if self.done and not self._tasks:
+            self._stopping.set()
+
+    async def _abandon_all(self) -> None:
+        for task_id, running in list(self._tasks.items()):
+            if not self.runner.abandon(task_id):
+                running.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def resolve_target(target: str, secret: str | None) -> tuple[str, int, str, str | None, str | None]:
+    """``HOST[:PORT]`` or a user alias -> (host, port, secret, device_id, alias)."""
+    from . import users
+    from .server import SECRET_ENV
+    from .store import default_state_dir, read_secret
+
+    known = users.load_users()
+    if target in known:
+        user = known[target]
+        found = secret or user.secret or os.environ.get(SECRET_ENV)
+        if not found:
+            raise UsageError(f"user {target!r} has no secret; pass --secret")
+        return user.host, user.port, found, user.device_id, target
+    host, port = users.parse_address(target)
+    found = secret or os.environ.get(SECRET_ENV)
+    if not found and host in ("127.0.0.1", "localhost", "::1"):
+        found = read_secret(default_state_dir())  # a server of ours on this machine
+    if not found:
+        raise UsageError(
+            f"no secret for {target}: pass --secret, set ${SECRET_ENV}, "
+            "or add a user with 'dcproto users add NAME HOST[:PORT] --secret ...'"
+        )
+    return host, port, found, None, None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcproto-worker", description="Run a dcproto worker.")
+    sub = parser.add_subparsers(dest="command")
+    connect = sub.add_parser("connect", help="connect to a server and run its tasks")
+    connect.add_argument("target", help="HOST[:PORT] or the name of a user (named server)")
+    connect.add_argument("--tasks", type=int, default=None, help="exit after N tasks")
+    connect.add_argument("--slots", type=int, default=0, help="tasks at once (default: CPUs)")
+    connect.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="tasks held beyond the slots (default: as many as slots)",
+    )
+    connect.add_argument("--secret", default=None, help="the server's secret")
+    connect.add_argument("--name", default="", help="name shown in stats and logs")
+    connect.add_argument("--log-level", default="INFO")
+    return parser
+
+
+async def run_worker(config: WorkerConfig, alias: str | None = None) -> int:
+    worker = Worker(config)
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, worker.stop)
+    try:
+        await worker.run()
+    except AuthenticationFailed as exc:
+        print(f"dcproto-worker: the server refused the secret: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        if alias is not None and worker.device_id and worker.device_id != config.device_id:
+            from . import users
+
+            with contextlib.suppress(DcprotoError):
+                users.set_device_id(alias, worker.device_id)
+    print(f"dcproto-worker: {worker.completed} tasks done", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        from .menu import run_menu
+
+        return run_menu()
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    if args.tasks is not None and args.tasks < 1:
+        print("dcproto-worker: --tasks must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        host, port, secret, device_id, alias = resolve_target(args.target, args.secret)
+    except DcprotoError as exc:
+        print(f"dcproto-worker: {exc}", file=sys.stderr)
+        return 2
+    config = WorkerConfig(
+        host=host,
+        port=port,
+        secret=secret,
+        device_id=device_id,
+        name=args.name,
+        slots=args.slots,
+        prefetch=args.prefetch,
+        max_tasks=args.tasks,
+    )
+    from .server import install_uvloop
+
+    install_uvloop()
+    return asyncio.run(run_worker(config, alias))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

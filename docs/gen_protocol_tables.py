@@ -1,0 +1,323 @@
+"""Generate the message and state tables of docs/protocol.md from dcproto/protocol.py.
+
+Usage::
+
+    python docs/gen_protocol_tables.py            # print the generated markdown
+    python docs/gen_protocol_tables.py --write    # rewrite the generated region of the doc
+    python docs/gen_protocol_tables.py --check    # exit 1 with a diff if the doc is stale
+
+The region between ``<!-- BEGIN GENERATED -->`` and ``<!-- END GENERATED -->`` is replaced;
+the rest of the doc is prose and is left alone. Message descriptions are the dataclasses'
+docstrings; field types come from ``SCHEMA``, directions from ``RECEIVE_TABLE``. Field meanings
+and the ``_validate`` rules are kept below, next to the code that renders them, and generation
+fails if they no longer match the message classes (a field added, removed or renamed, a
+``_validate`` added), so the doc cannot silently fall behind the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dcproto import protocol as p  # noqa: E402
+
+DOC = ROOT / "docs" / "protocol.md"
+BEGIN = "<!-- BEGIN GENERATED -->"
+END = "<!-- END GENERATED -->"
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return ", ".join(f"`{v}`" for v in values)
+
+
+#: (message class name, field) -> what the field means.
+FIELD_NOTES: dict[tuple[str, str], str] = {
+    ("Challenge", "version"): f"Protocol version the server speaks (now {p.PROTOCOL_VERSION}).",
+    ("Challenge", "nonce"): "Fresh random bytes; the client's `auth` is computed over them.",
+    ("Challenge", "max_frame"): "Largest frame body, in bytes, the server accepts after Welcome.",
+    ("Hello", "version"): "Protocol version the client speaks; must equal the server's.",
+    ("Hello", "role"): f"What the client is: one of {_one_of(p.ROLES)}.",
+    ("Hello", "auth"): "HMAC-SHA256 with key = the shared secret (UTF-8), message = `nonce`.",
+    ("Hello", "device_id"): "The `device_id` a server gave this machine before, or nil.",
+    ("Hello", "name"): "Human-readable name of the client (host name), for logs and stats.",
+    ("Hello", "slots"): "Tasks a worker runs at once; a creator sends 0.",
+    ("Welcome", "device_id"): "Id of this machine; the client stores it and sends it next time.",
+    ("Welcome", "heartbeat_interval"): "Seconds; idle this long, a side sends a Heartbeat.",
+    ("Welcome", "max_frame"): "Largest frame body, in bytes, the server accepts from now on.",
+    ("Error", "code"): "Machine-readable error code (see *Error codes*).",
+    ("Error", "message"): "Human-readable explanation.",
+    ("Goodbye", "reason"): "Why the sender closes (free text, for logs).",
+    ("Credit", "credit"): "How many more Tasks the worker can take, added to what it had.",
+    ("Project", "project_id"): "Server-assigned project id; Tasks refer to it.",
+    ("Project", "code"): "The creator's pickled project class, passed on unchanged.",
+    ("Project", "modules"): "Modules the worker must import before unpickling `code`.",
+    ("Project", "parallel"): "Name of the method to run on each item.",
+    ("Project", "stop"): "Name of the stop-condition method, or nil.",
+    ("Project", "only_if"): "Name of the keep-this-result filter method, or nil.",
+    ("Project", "options"): "Project options, server defaults filled in (string keys).",
+    ("Reject", "project_id"): "The project the worker cannot run.",
+    ("Reject", "reason"): "Why (e.g. the text of an ImportError).",
+    ("Task", "task_id"): "Server-assigned id of the task, unique on this server.",
+    ("Task", "project_id"): "The project the task belongs to.",
+    ("Task", "attempt"): "Attempt number, from 1; the Result must carry the same number.",
+    ("Task", "items"): "The items to process: an opaque pickled list, made by the creator.",
+    ("Result", "task_id"): "The `task_id` of the Task answered.",
+    ("Result", "attempt"): "The `attempt` of the Task answered.",
+    ("Result", "outcome"): f"One of {_one_of(p.RESULT_OUTCOMES)} (see *Result outcomes*).",
+    ("Result", "payload"): "Opaque pickled list of `(item, value)` pairs kept; may be empty.",
+    ("Result", "n_items"): "Items processed.",
+    ("Result", "n_kept"): "Pairs in `payload`.",
+    ("Result", "error"): "Details when the task failed (string keys such as `message`), or nil.",
+    ("Result", "stats"): "Timings and counters (string keys; ignore unknown keys).",
+    ("Result", "files"): "Extra output files, each `[name: str, data: bin]`.",
+    ("Result", "credit"): "Credit handed back with this result (0 = none).",
+    ("Abandon", "task_ids"): "Tasks to stop; each is still answered by one Result.",
+    ("Submit", "ref"): "Creator-chosen number, echoed in Accepted.",
+    ("Submit", "name"): "Project name, for logs and notices.",
+    ("Submit", "code"): "The pickled project class (opaque to the server).",
+    ("Submit", "modules"): "Modules a worker must import before unpickling `code`.",
+    ("Submit", "parallel"): "Name of the method to run on each item.",
+    ("Submit", "stop"): "Name of the stop-condition method, or nil.",
+    ("Submit", "only_if"): "Name of the filter method, or nil.",
+    ("Submit", "options"): "Project options (string keys; see the server docs).",
+    ("Accepted", "ref"): "The `ref` of the Submit answered.",
+    ("Accepted", "project_id"): "Server-assigned project id.",
+    ("Accepted", "credit"): "Tasks the creator may send now.",
+    ("Tasks", "project_id"): "The project.",
+    ("Tasks", "tasks"): "Entries `[seq: int, items: bin, n_items: int]`; `seq` numbers tasks.",
+    ("End", "project_id"): "The project.",
+    ("End", "total_tasks"): "Tasks sent in all.",
+    ("End", "total_items"): "Items in those tasks.",
+    ("More", "project_id"): "The project.",
+    ("More", "credit"): "Further tasks the creator may send, added to what it had.",
+    ("TaskDone", "project_id"): "The project.",
+    ("TaskDone", "seq"): "The creator's `seq` of the task.",
+    ("TaskDone", "payload"): "The worker's Result payload, unchanged.",
+    ("TaskDone", "n_items"): "Items processed.",
+    ("TaskDone", "n_kept"): "Pairs in `payload`.",
+    ("TaskDone", "files"): "Extra output files, each `[name: str, data: bin]`.",
+    ("TaskDone", "stats"): "The worker's stats plus server-added keys (ignore unknown keys).",
+    ("Finished", "project_id"): "The project.",
+    ("Finished", "status"): f"One of {_one_of(p.PROJECT_STATUSES)}.",
+    ("Finished", "error"): "Why it failed (string keys such as `reason`, `message`), or nil.",
+    ("Finished", "stop"): "`[seq, payload]` of the task that met the stop condition, or nil.",
+    ("Finished", "stats"): "Project counters and times (string keys; ignore unknown keys).",
+    ("Cancel", "project_id"): "The project to cancel.",
+    ("Notice", "project_id"): "The project concerned.",
+    ("Notice", "level"): "Severity, e.g. `info` or `warning`.",
+    ("Notice", "text"): "Message for the user.",
+}
+
+_FILES_RULE = "each `files` entry is a 2-element array `[str, bin]`"
+
+#: message class name -> its ``_validate`` rules, in words.
+VALIDATION: dict[str, list[str]] = {
+    "Hello": [f"`role` is one of {_one_of(p.ROLES)}", "`slots` >= 0"],
+    "Credit": ["`credit` >= 1"],
+    "Result": [
+        f"`outcome` is one of {_one_of(p.RESULT_OUTCOMES)}",
+        "`credit` >= 0",
+        _FILES_RULE,
+    ],
+    "Tasks": ["each `tasks` entry is a 3-element array `[int, bin, int]`"],
+    "TaskDone": [_FILES_RULE],
+    "Finished": [f"`status` is one of {_one_of(p.PROJECT_STATUSES)}"],
+}
+
+_SCALARS = {"int": "int", "float": "float (int accepted)", "str": "str", "bytes": "bin"}
+
+
+def msgpack_type(annotation: str) -> str:
+    """The msgpack type of a field annotation as written in protocol.py."""
+    parts = [part.strip() for part in annotation.split("|")]
+    optional = "None" in parts
+    parts = [part for part in parts if part != "None"]
+    if len(parts) != 1:
+        raise ValueError(f"cannot render annotation {annotation!r}")
+    base = parts[0]
+    if base in _SCALARS:
+        text = _SCALARS[base]
+    elif (m := re.fullmatch(r"list\[(.+)\]", base)) is not None:
+        inner = m.group(1)
+        text = "array" if inner == "Any" else f"array of {msgpack_type(inner)}"
+    elif re.fullmatch(r"dict\[str, *Any\]", base) is not None:
+        text = "map (str keys)"
+    else:
+        raise ValueError(f"cannot render annotation {annotation!r}")
+    return f"{text} or nil" if optional else text
+
+
+def _docstring(cls: type) -> str:
+    text = " ".join((inspect.getdoc(cls) or "").split())
+    return text.replace(":class:", "").replace("``", "`")
+
+
+def _senders_and_receivers(cls: type) -> list[tuple[str, str]]:
+    pairs = []
+    for (side, role, _), allowed in p.RECEIVE_TABLE.items():
+        if cls not in allowed:
+            continue
+        peer = role or "client"
+        pairs.append((peer, "server") if side == "server" else ("server", peer))
+    return pairs
+
+
+def direction(cls: type) -> str:
+    pairs = _senders_and_receivers(cls)
+    to_server = {s for s, r in pairs if r == "server"}
+    to_client = {r for s, r in pairs if s == "server"}
+    if to_server and to_client:
+        return "both ways"
+    if not pairs:
+        return "never received"
+    if to_server:
+        sender = next(iter(to_server)) if len(to_server) == 1 else "client"
+        return f"{sender} → server"
+    receiver = next(iter(to_client)) if len(to_client) == 1 else "client"
+    return f"server → {receiver}"
+
+
+def _check_notes() -> None:
+    fields = {(cls.__name__, name) for cls in p.MESSAGE_TYPES for name, _, _ in p.SCHEMA[cls]}
+    problems = [f"no note for field {c}.{f}" for c, f in sorted(fields - FIELD_NOTES.keys())]
+    problems += [f"note for unknown field {c}.{f}" for c, f in sorted(FIELD_NOTES.keys() - fields)]
+    validated = {cls.__name__ for cls in p.MESSAGE_TYPES if "_validate" in vars(cls)}
+    problems += [f"{c}._validate has no rules here" for c in sorted(validated - VALIDATION.keys())]
+    problems += [
+        f"rules for {c}, which has no _validate" for c in sorted(VALIDATION.keys() - validated)
+    ]
+    if problems:
+        raise SystemExit("gen_protocol_tables.py is out of date:\n  " + "\n  ".join(problems))
+
+
+def _state_name(state: p.State) -> str:
+    return f"`{state.name}`"
+
+
+def render() -> str:
+    """The markdown of the generated region (without the markers)."""
+    _check_notes()
+    out: list[str] = []
+    add = out.append
+    add("<!-- Generated by docs/gen_protocol_tables.py from dcproto/protocol.py; do not edit. -->")
+    add("")
+    add("### Constants")
+    add("")
+    add("| name | value |")
+    add("| --- | --- |")
+    add(f"| `PROTOCOL_VERSION` | {p.PROTOCOL_VERSION} |")
+    add(f"| frame header | {p.HEADER.size} bytes, big-endian unsigned (`{p.HEADER.format}`) |")
+    add(f"| `HANDSHAKE_MAX_FRAME` | {p.HANDSHAKE_MAX_FRAME} bytes |")
+    add(f"| `DEFAULT_MAX_FRAME` | {p.DEFAULT_MAX_FRAME} bytes |")
+    add(f"| roles | {_one_of(p.ROLES)} |")
+    add(f"| Result outcomes | {_one_of(p.RESULT_OUTCOMES)} |")
+    add(f"| project statuses | {_one_of(p.PROJECT_STATUSES)} |")
+    add("")
+    add("### Message types")
+    add("")
+    add("| type | message | direction | description |")
+    add("| ---: | --- | --- | --- |")
+    for cls in p.MESSAGE_TYPES:
+        anchor = cls.__name__.lower()
+        add(f"| {cls.TYPE} | [{cls.__name__}](#{anchor}) | {direction(cls)} | {_docstring(cls)} |")
+    for cls in p.MESSAGE_TYPES:
+        schema = p.SCHEMA[cls]
+        add("")
+        add(f"#### {cls.__name__}")
+        add("")
+        add(f"Type **{cls.TYPE}**, {direction(cls)}. {_docstring(cls)}")
+        add("")
+        wire = ", ".join([str(cls.TYPE), *(name for name, _, _ in schema)])
+        add(f"Wire form: `[{wire}]`")
+        add("")
+        if schema:
+            add("| # | field | msgpack type | meaning |")
+            add("| ---: | --- | --- | --- |")
+            for index, (name, annotation, _) in enumerate(schema, start=1):
+                note = FIELD_NOTES[(cls.__name__, name)]
+                add(f"| {index} | `{name}` | {msgpack_type(annotation)} | {note} |")
+        else:
+            add("No fields.")
+        rules = VALIDATION.get(cls.__name__)
+        if rules:
+            add("")
+            add("Validation: " + "; ".join(rules) + ".")
+    add("")
+    add("### Receive table")
+    add("")
+    add("Which messages each side accepts in each state. The table uses the client's role only")
+    add("in `READY` (the server learns it from Hello). Any other message is `unexpected_message`.")
+    add("")
+    add("| side | client role | state | accepts |")
+    add("| --- | --- | --- | --- |")
+    for (side, role, state), allowed in p.RECEIVE_TABLE.items():
+        names = ", ".join(cls.__name__ for cls in sorted(allowed, key=lambda c: c.TYPE))
+        add(f"| {side} | {role or 'any'} | {_state_name(state)} | {names} |")
+    add("")
+    add("### Transitions")
+    add("")
+    add("| state | on | next state |")
+    add("| --- | --- | --- |")
+    receivable = {
+        (state, cls) for (_, _, state), allowed in p.RECEIVE_TABLE.items() for cls in allowed
+    }
+    for (state, cls), nxt in p.TRANSITIONS.items():
+        how = "receiving" if (state, cls) in receivable else "sending"
+        add(f"| {_state_name(state)} | {how} {cls.__name__} | {_state_name(nxt)} |")
+    add(f"| any | sending or receiving Error or Goodbye | {_state_name(p.State.CLOSED)} |")
+    add(f"| any | a protocol violation by the peer | {_state_name(p.State.CLOSED)} |")
+    add("")
+    server, client = _state_name(p.State.AWAIT_HELLO), _state_name(p.State.AWAIT_CHALLENGE)
+    add(f"Initial state: server {server}, client {client}. Other messages leave the state as is.")
+    return "\n".join(out) + "\n"
+
+
+def splice(doc: str, generated: str) -> str:
+    """``doc`` with the text between the markers replaced by ``generated``."""
+    start = doc.find(BEGIN)
+    stop = doc.find(END)
+    if start < 0 or stop < start:
+        raise SystemExit(f"markers {BEGIN} / {END} not found in order")
+    return doc[: start + len(BEGIN)] + "\n" + generated + doc[stop:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="rewrite the doc's generated region")
+    mode.add_argument("--check", action="store_true", help="exit 1 with a diff if the doc is stale")
+    parser.add_argument("--doc", type=Path, default=DOC, help="the doc to check or rewrite")
+    args = parser.parse_args(argv)
+    generated = render()
+    if not (args.write or args.check):
+        sys.stdout.write(generated)
+        return 0
+    current = args.doc.read_text(encoding="utf-8")
+    wanted = splice(current, generated)
+    if args.write:
+        if wanted != current:
+            args.doc.write_text(wanted, encoding="utf-8")
+        return 0
+    if wanted == current:
+        return 0
+    diff = difflib.unified_diff(
+        current.splitlines(keepends=True),
+        wanted.splitlines(keepends=True),
+        fromfile=f"{args.doc} (current)",
+        tofile=f"{args.doc} (generated)",
+    )
+    sys.stdout.writelines(diff)
+    print(f"\n{args.doc} is stale: run python docs/gen_protocol_tables.py --write", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
