@@ -443,7 +443,8 @@ class _ProjectRun:
         elif message.status == "stopped":
             assert message.stop is not None
             _, payload = message.stop
-            self._finish(result=dict(_unpickle(payload, "the stopping result")), stats=stats)
+            stopped = dict(_unpickle(payload, "the stopping result"))
+            self._finish(result=stopped, stats=stats, status="stopped")
         elif message.status == "cancelled":
             self._finish(error=ProjectCancelled(f"project {self.handle.name} was cancelled"))
         else:
@@ -471,13 +472,16 @@ class _ProjectRun:
         result: dict[Any, Any] | None = None,
         error: BaseException | None = None,
         stats: dict[str, Any] | None = None,
+        status: str | None = None,
     ) -> None:
         if self.finished:
             return
         self.finished = True
         self._credit_event.set()
-        if error is not None:
-            self.status = "failed" if not isinstance(error, ProjectCancelled) else "cancelled"
+        if status is not None:
+            self.status = status
+        elif error is not None:
+            self.status = "cancelled" if isinstance(error, ProjectCancelled) else "failed"
         else:
             self.status = "done"
         if self.client is not None and self.project_id is not None:

@@ -1,0 +1,1 @@
+"""Benchmarks of dcproto beside the tools a user would pick instead (not tests)."""
