@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -88,6 +89,9 @@ class CreatorClient:
         self._accepts: dict[int, asyncio.Future[p.Accepted]] = {}
         self.handlers: dict[str, Callable[[p.Message], None]] = {}
         self._read_task: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._last_sent = 0.0
+        self.heartbeat_interval = 5.0
         self.closed = False
 
     async def connect(self) -> None:
@@ -105,6 +109,15 @@ class CreatorClient:
             self._writer.close()
             raise
         self._read_task = asyncio.create_task(self._read_loop())
+        self._heartbeat_task = asyncio.create_task(self._heartbeats())
+
+    async def _heartbeats(self) -> None:
+        """Keep the server from taking us for gone while projects run and we are quiet."""
+        while not self.closed:
+            await asyncio.sleep(self.heartbeat_interval / 2)
+            if time.monotonic() - self._last_sent >= self.heartbeat_interval / 2:
+                with contextlib.suppress(ConnectionFailed):
+                    self.send(p.Heartbeat())
 
     async def _next(self) -> p.Message:
         assert self._reader is not None
@@ -142,6 +155,7 @@ class CreatorClient:
         if not isinstance(answer, p.Welcome):
             raise ConnectionFailed(f"unexpected handshake answer {answer}")
         self.device_id = answer.device_id
+        self.heartbeat_interval = answer.heartbeat_interval
 
     def send(self, message: p.Message) -> None:
         if self.closed or self.proto.state is p.State.CLOSED:
@@ -150,6 +164,7 @@ class CreatorClient:
         data = self.proto.data_to_send()
         if data and self._writer is not None:
             self._writer.write(data)
+            self._last_sent = time.monotonic()
 
     async def drain(self) -> None:
         if self._writer is not None:
@@ -208,6 +223,8 @@ class CreatorClient:
             self._writer.close()
 
     async def close(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
         if self._read_task is not None:
             self._read_task.cancel()
             with contextlib.suppress(BaseException):

@@ -76,6 +76,7 @@ class Worker:
         self._proto: p.Connection | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._last_sent = 0.0
+        self.heartbeat_interval = 5.0  # the server's value replaces it at each handshake
 
     def stop(self) -> None:
         self._stopping.set()
@@ -121,9 +122,10 @@ class Worker:
             raise ConnectionFailed(f"cannot reach {cfg.host}:{cfg.port}: {exc}") from exc
         proto = p.Connection("client", role="worker")
         self._proto, self._writer = proto, writer
-        heartbeat = asyncio.create_task(self._heartbeats())
+        heartbeat: asyncio.Task[None] | None = None
         try:
             await self._handshake(reader, proto)
+            heartbeat = asyncio.create_task(self._heartbeats(self.heartbeat_interval))
             self._open_credit = 0
             self._grant(self.slots + self.prefetch)
             self._flush()
@@ -150,7 +152,8 @@ class Worker:
             finally:
                 stop_wait.cancel()
         finally:
-            heartbeat.cancel()
+            if heartbeat is not None:
+                heartbeat.cancel()
             await self._abandon_all()
             if proto.state is not p.State.CLOSED:
                 with contextlib.suppress(Exception):
@@ -202,9 +205,8 @@ class Worker:
         await asyncio.wait_for(steps(), CONNECT_TIMEOUT)
         log.info("connected to %s:%d as %s", self.config.host, self.config.port, self.device_id)
 
-    async def _heartbeats(self) -> None:
+    async def _heartbeats(self, interval: float) -> None:
         while True:
-            interval = getattr(self, "heartbeat_interval", 5.0)
             await asyncio.sleep(interval / 2)
             if (
                 self._proto is not None
