@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import hashlib
 import hmac
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -34,6 +35,8 @@ HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 #: The handshake happens before the peer is authenticated, so it gets a much smaller limit.
 HANDSHAKE_MAX_FRAME = 64 * 1024
+MIN_MAX_FRAME = HANDSHAKE_MAX_FRAME  # a peer may not announce a smaller limit than this
+MIN_NONCE = 16
 
 ROLES = ("worker", "creator")
 RESULT_OUTCOMES = ("ok", "stop", "error", "crash", "timeout", "abandoned", "load_error")
@@ -74,6 +77,11 @@ class Challenge(Message):
     nonce: bytes
     max_frame: int
 
+    def _validate(self) -> None:
+        if len(self.nonce) < MIN_NONCE:
+            raise ValueError(f"nonce must be at least {MIN_NONCE} bytes")
+        _check_max_frame(self.max_frame)
+
 
 @_msg
 class Hello(Message):
@@ -102,6 +110,11 @@ class Welcome(Message):
     device_id: str
     heartbeat_interval: float
     max_frame: int
+
+    def _validate(self) -> None:
+        if not math.isfinite(self.heartbeat_interval) or self.heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be a positive number")
+        _check_max_frame(self.max_frame)
 
 
 @_msg
@@ -321,6 +334,11 @@ class Notice(Message):
     text: str
 
 
+def _check_max_frame(max_frame: int) -> None:
+    if max_frame < MIN_MAX_FRAME:
+        raise ValueError(f"max_frame must be at least {MIN_MAX_FRAME}")
+
+
 def _check_files(files: list[Any]) -> None:
     for entry in files:
         if (
@@ -391,10 +409,13 @@ def encode(message: Message) -> bytes:
         message._validate()
     except (TypeError, ValueError) as exc:
         raise LocalProtocolError(f"invalid {type(message).__name__}: {exc}") from exc
-    body = msgpack.packb(
-        [message.TYPE, *(getattr(message, name) for name, _, _ in SCHEMA[type(message)])],
-        use_bin_type=True,
-    )
+    try:
+        body = msgpack.packb(
+            [message.TYPE, *(getattr(message, name) for name, _, _ in SCHEMA[type(message)])],
+            use_bin_type=True,
+        )
+    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+        raise LocalProtocolError(f"cannot encode {type(message).__name__}: {exc}") from exc
     return HEADER.pack(len(body)) + body
 
 
@@ -402,6 +423,8 @@ def decode(body: bytes | memoryview) -> Message:
     """The message in one frame body. Raises RemoteProtocolError if it is malformed."""
     try:
         value = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+        if not _str_keys(value):
+            raise ValueError("map keys must be str")
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         reason = f"undecodable msgpack ({type(exc).__name__}: {exc})"
         raise RemoteProtocolError(reason, code="bad_frame") from exc
@@ -432,6 +455,19 @@ def _check_fields(message: Message) -> None:
         element = _ELEMENT_TYPES.get(annotation)
         if element is not None and not all(type(e) is element for e in item):
             raise TypeError(f"field {name!r} must be {annotation}")
+        if isinstance(item, dict | list) and not _str_keys(item):
+            raise TypeError(f"field {name!r}: every map key must be a str")
+
+
+def _str_keys(value: Any, depth: int = 0) -> bool:
+    """Whether every map inside ``value`` has str keys (what the receiving side accepts)."""
+    if depth > 32:
+        return False
+    if isinstance(value, dict):
+        return all(type(k) is str and _str_keys(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_str_keys(v, depth + 1) for v in value if isinstance(v, dict | list))
+    return True
 
 
 class Decoder:
@@ -444,37 +480,68 @@ class Decoder:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buffer = bytearray()
+        self._pos = 0  # start of the unread part of the buffer
         self._need: int | None = None  # body length of the frame being read
+        self._pending: FrameTooLarge | None = None  # raised after the frames before it
+
+    def append(self, data: bytes) -> None:
+        """Buffer ``data`` without splitting it; take frames with :meth:`next_frame`."""
+        self._buffer += data
+
+    def next_frame(self) -> bytes | None:
+        """The next complete frame body, or None. Raises FrameTooLarge (and then keeps
+        raising it: the stream cannot be resynchronised)."""
+        if self._pending is not None:
+            raise self._pending
+        buffer = self._buffer
+        available = len(buffer) - self._pos
+        if self._need is None:
+            if available < HEADER.size:
+                return None
+            (size,) = HEADER.unpack_from(buffer, self._pos)
+            if size > self.max_frame:
+                self._pending = FrameTooLarge(size, self.max_frame)
+                self._buffer = bytearray()
+                self._pos = 0
+                raise self._pending
+            self._pos += HEADER.size
+            available -= HEADER.size
+            self._need = size
+        if available < self._need:
+            self._compact()
+            return None
+        body = bytes(buffer[self._pos : self._pos + self._need])
+        self._pos += self._need
+        self._need = None
+        if self._pos == len(buffer):
+            buffer.clear()
+            self._pos = 0
+        return body
+
+    def _compact(self) -> None:
+        if self._pos:
+            del self._buffer[: self._pos]
+            self._pos = 0
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Add ``data``; return every frame body it completes. Raises FrameTooLarge."""
-        buffer = self._buffer
-        buffer += data
+        """Add ``data``; return every frame body it completes. Raises FrameTooLarge, but only
+        once the frames completed before the oversized one have been returned."""
+        self.append(data)
         frames: list[bytes] = []
-        pos = 0
-        end = len(buffer)
         while True:
-            if self._need is None:
-                if end - pos < HEADER.size:
-                    break
-                (size,) = HEADER.unpack_from(buffer, pos)
-                if size > self.max_frame:
-                    del buffer[:]
-                    raise FrameTooLarge(size, self.max_frame)
-                pos += HEADER.size
-                self._need = size
-            if end - pos < self._need:
-                break
-            frames.append(bytes(buffer[pos : pos + self._need]))
-            pos += self._need
-            self._need = None
-        if pos:
-            del buffer[:pos]
-        return frames
+            try:
+                body = self.next_frame()
+            except FrameTooLarge:
+                if frames:
+                    return frames  # the error is raised by the next call
+                raise
+            if body is None:
+                return frames
+            frames.append(body)
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) - self._pos
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +553,7 @@ class State(enum.Enum):
     AWAIT_CHALLENGE = "await_challenge"  # client: connected, waiting for the server's nonce
     AWAIT_HELLO = "await_hello"  # server: challenge sent, waiting for the client's Hello
     AWAIT_WELCOME = "await_welcome"  # client: Hello sent, waiting for Welcome or Error
+    AUTHENTICATING = "authenticating"  # server: Hello received, Welcome or Error not yet sent
     READY = "ready"
     CLOSED = "closed"
 
@@ -499,6 +567,7 @@ _SERVER_TO_CREATOR = frozenset({Accepted, More, TaskDone, Finished, Notice}) | _
 #: (our side, peer role or None before the handshake, state) -> messages we may receive.
 RECEIVE_TABLE: dict[tuple[str, str | None, State], frozenset[type[Message]]] = {
     ("server", None, State.AWAIT_HELLO): frozenset({Hello, Error, Goodbye}),
+    ("server", None, State.AUTHENTICATING): frozenset({Error, Goodbye}),
     ("server", "worker", State.READY): _WORKER_TO_SERVER,
     ("server", "creator", State.READY): _CREATOR_TO_SERVER,
     ("client", None, State.AWAIT_CHALLENGE): frozenset({Challenge, Error, Goodbye}),
@@ -510,7 +579,8 @@ RECEIVE_TABLE: dict[tuple[str, str | None, State], frozenset[type[Message]]] = {
 #: (state, message received or sent) -> next state. Pairs not listed leave the state as is.
 TRANSITIONS: dict[tuple[State, type[Message]], State] = {
     (State.AWAIT_CHALLENGE, Challenge): State.AWAIT_WELCOME,  # the client answers with Hello
-    (State.AWAIT_HELLO, Welcome): State.READY,  # sent by the server once auth passed
+    (State.AWAIT_HELLO, Hello): State.AUTHENTICATING,  # a client must wait for Welcome
+    (State.AUTHENTICATING, Welcome): State.READY,  # sent by the server once auth passed
     (State.AWAIT_WELCOME, Welcome): State.READY,
 }
 
@@ -544,14 +614,15 @@ class Connection:
         ``error`` set, an Error frame queued and state CLOSED."""
         if self.state is State.CLOSED:
             return []
-        try:
-            bodies = self._decoder.feed(data)
-        except RemoteProtocolError as exc:
-            self._fail(exc)
-            return []
+        self._decoder.append(data)
         messages: list[Message] = []
-        for body in bodies:
+        # One frame at a time: a message may change the state, and with it the size limit
+        # that applies to the frames after it.
+        while self.state is not State.CLOSED:
             try:
+                body = self._decoder.next_frame()
+                if body is None:
+                    break
                 message = decode(body)
                 self._check_receivable(message)
             except RemoteProtocolError as exc:
@@ -559,8 +630,6 @@ class Connection:
                 break
             messages.append(message)
             self._after(message)
-            if self.state is State.CLOSED:
-                break
         return messages
 
     def _check_receivable(self, message: Message) -> None:
@@ -610,8 +679,8 @@ class Connection:
         frame = encode(message)
         if len(frame) - HEADER.size > self.max_frame:
             raise LocalProtocolError(
-                f"{type(message).__name__} of {len(frame)} bytes exceeds the frame limit "
-                f"of {self.max_frame}"
+                f"{type(message).__name__} of {len(frame) - HEADER.size} bytes exceeds the "
+                f"frame limit of {self.max_frame}"
             )
         self._outgoing.append(frame)
         if isinstance(message, Error | Goodbye):

@@ -50,7 +50,7 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Hello", "name"): "Human-readable name of the client (host name), for logs and stats.",
     ("Hello", "slots"): "Tasks a worker runs at once; a creator sends 0.",
     ("Welcome", "device_id"): "Id of this machine; the client stores it and sends it next time.",
-    ("Welcome", "heartbeat_interval"): "Seconds; idle this long, a side sends a Heartbeat.",
+    ("Welcome", "heartbeat_interval"): "Seconds; no side stays silent longer (see *Heartbeats*).",
     ("Welcome", "max_frame"): "Largest frame body, in bytes, the server accepts from now on.",
     ("Error", "code"): "Machine-readable error code (see *Error codes*).",
     ("Error", "message"): "Human-readable explanation.",
@@ -120,7 +120,12 @@ _FILES_RULE = "each `files` entry is a 2-element array `[str, bin]`"
 
 #: message class name -> its ``_validate`` rules, in words.
 VALIDATION: dict[str, list[str]] = {
+    "Challenge": [
+        f"`nonce` is at least {p.MIN_NONCE} bytes",
+        f"`max_frame` >= {p.MIN_MAX_FRAME}",
+    ],
     "Hello": [f"`role` is one of {_one_of(p.ROLES)}", "`slots` >= 0"],
+    "Welcome": ["`heartbeat_interval` is finite and > 0", f"`max_frame` >= {p.MIN_MAX_FRAME}"],
     "Credit": ["`credit` >= 1"],
     "Result": [
         f"`outcome` is one of {_one_of(p.RESULT_OUTCOMES)}",
