@@ -202,7 +202,7 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes | None:
 def main() -> None:
     # Keep the command channel private: user prints must not corrupt it.
     commands = os.fdopen(os.dup(0), "rb", buffering=0)
-    answers = os.fdopen(os.dup(1), "wb", buffering=0)
+    answers = os.fdopen(os.dup(1), "wb")  # buffered: write() + flush() never stop short
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)
@@ -227,6 +227,10 @@ def main() -> None:
         elif command[0] == "run":
             _, task_id, project_id, items, output_dir = command
             project = projects.get(project_id)
+            # user code may have replaced the handler in an earlier task
+            signal.signal(signal.SIGUSR1, _on_abandon)
+            if project is not None:
+                projects.move_to_end(project_id)  # the runner mirrors this LRU order
             if project is None:
                 answer = ["load_error", b"", 0, 0, {"message": "project not loaded"}, {}, []]
             else:
@@ -234,6 +238,7 @@ def main() -> None:
             body = msgpack.packb(["done", task_id, *answer], use_bin_type=True)
             with contextlib.suppress(BrokenPipeError):
                 answers.write(HEADER.pack(len(body)) + body)
+                answers.flush()
 
 
 if __name__ == "__main__":

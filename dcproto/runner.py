@@ -14,9 +14,11 @@ import contextlib
 import itertools
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 import msgpack
 
 from . import protocol as p
+from .child import MAX_LOADED_PROJECTS
 
 log = logging.getLogger("dcproto.runner")
 
@@ -53,7 +56,8 @@ class Child:
         self.number = next(self._ids)
         self.workdir = workdir
         self.process: asyncio.subprocess.Process | None = None
-        self.loaded: set[str] = set()
+        # the projects the child holds, in the child's own LRU order (see child.main)
+        self.loaded: OrderedDict[str, None] = OrderedDict()
         self.task_id: int | None = None
         self.answer: asyncio.Future[list[Any]] | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -186,13 +190,23 @@ class Runner:
                     project.options.get("errors", "raise"),
                 ]
             )
-            child.loaded.add(project.project_id)
+            child.loaded[project.project_id] = None
+            while len(child.loaded) > MAX_LOADED_PROJECTS:
+                child.loaded.popitem(last=False)
+        child.loaded.move_to_end(project.project_id)
         loop = asyncio.get_running_loop()
         child.answer = loop.create_future()
         child.task_id = task.task_id
         self._running[task.task_id] = child
         output_dir = child.workdir / f"task-{task.task_id}-{task.attempt}"
         child.send(["run", task.task_id, task.project_id, task.items, str(output_dir)])
+        try:
+            return await self._answer(child, project, task)
+        finally:
+            # the child removes it, unless it died first
+            shutil.rmtree(output_dir, ignore_errors=True)
+
+    async def _answer(self, child: Child, project: p.Project, task: p.Task) -> Outcome:
         timeout = project.options.get("task_timeout")
         timed_out = False
         answer: list[Any] | None

@@ -1,0 +1,724 @@
+"""Tests for dcproto.runner and dcproto.child: real child processes running pickled user code.
+
+User classes are defined in this module and pickled by value (see :func:`make_project`), so the
+child, which cannot import this test module, rebuilds them from the bytes alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from dcproto import protocol as p
+from dcproto.child import MAX_LOADED_PROJECTS, MAX_OUTPUT_BYTES, MAX_OUTPUT_FILES
+from dcproto.runner import KILL_GRACE, Outcome, Runner
+
+_task_ids = itertools.count(1)
+
+# --------------------------------------------------------------------------------------------
+# Helpers and fixtures
+# --------------------------------------------------------------------------------------------
+
+
+def make_project(
+    cls: type,
+    *,
+    project_id: str = "proj",
+    parallel: str = "f",
+    stop: str | None = None,
+    only_if: str | None = None,
+    modules: list[str] | None = None,
+    code: bytes | None = None,
+    **options: Any,
+) -> p.Project:
+    # The child cannot import this module: ship the classes (and helpers they call) by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    options.setdefault("errors", "raise")
+    return p.Project(
+        project_id=project_id,
+        code=cloudpickle.dumps(cls) if code is None else code,
+        modules=modules or [],
+        parallel=parallel,
+        stop=stop,
+        only_if=only_if,
+        options=options,
+    )
+
+
+def make_task(project: p.Project, items: list[Any], *, task_id: int | None = None) -> p.Task:
+    return p.Task(
+        task_id=next(_task_ids) if task_id is None else task_id,
+        project_id=project.project_id,
+        attempt=1,
+        items=pickle.dumps(items),
+    )
+
+
+async def run(runner: Runner, project: p.Project, items: list[Any]) -> Outcome:
+    return await runner.run(project, make_task(project, items))
+
+
+def pairs(outcome: Outcome) -> list[tuple[Any, Any]]:
+    return pickle.loads(outcome.payload)
+
+
+async def wait_for_file(path: Path, limit: float = 10.0) -> None:
+    """Wait until user code in a child has created ``path`` (i.e. it is running)."""
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        await asyncio.sleep(0.01)
+
+
+def child_pid(runner: Runner, slot: int = 0) -> int:
+    process = runner._children[slot].process
+    assert process is not None
+    return process.pid
+
+
+RunnerFactory = Callable[[int], Awaitable[Runner]]
+
+
+@pytest.fixture
+async def make_runner() -> AsyncIterator[RunnerFactory]:
+    runners: list[Runner] = []
+
+    async def factory(slots: int = 1) -> Runner:
+        runner = Runner(slots)
+        runners.append(runner)
+        await runner.start()
+        return runner
+
+    yield factory
+    for runner in runners:
+        await runner.close()
+
+
+@pytest.fixture
+async def runner(make_runner: RunnerFactory) -> Runner:
+    return await make_runner(1)
+
+
+# --------------------------------------------------------------------------------------------
+# User code (pickled by value and run in the children)
+# --------------------------------------------------------------------------------------------
+
+
+class Square:
+    @staticmethod
+    def f(x: int) -> int:
+        return x * x
+
+
+class Pid:
+    @staticmethod
+    def f(x: Any) -> tuple[Any, int]:
+        return (x, os.getpid())
+
+
+class TenfoldStopAt30:
+    @staticmethod
+    def f(x: int) -> int:
+        # one file per item run, so the test can see which items ran at all
+        out = Path(os.environ["DCPROTO_OUTPUT_DIR"])
+        (out / f"ran-{x}").write_bytes(b"")
+        return x * 10
+
+    @staticmethod
+    def stop(value: int) -> bool:
+        return value >= 30
+
+
+class Mod3:
+    @staticmethod
+    def f(x: int) -> int:
+        return x % 3
+
+    @staticmethod
+    def keep(value: int) -> bool:
+        return bool(value)
+
+    @staticmethod
+    def is_zero(value: int) -> bool:
+        return value == 0
+
+
+def explode_on_two(x: Any) -> Any:
+    if x == "two":
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+class Explode:
+    @staticmethod
+    def f(x: Any) -> Any:
+        return explode_on_two(x)
+
+
+class OddsFail:
+    @staticmethod
+    def f(x: int) -> int:
+        if x % 2:
+            raise RuntimeError(f"odd {x}")
+        return x
+
+
+class ReturnsLock:
+    @staticmethod
+    def f(x: Any) -> Any:
+        return threading.Lock() if x == "lock-me" else x
+
+
+class DropsLock:
+    @staticmethod
+    def f(x: Any) -> Any:
+        return threading.Lock() if x == "lock-me" else x
+
+    @staticmethod
+    def keep(value: Any) -> bool:
+        return isinstance(value, str)
+
+
+class Crashy:
+    @staticmethod
+    def f(x: Any) -> Any:
+        if x == "exit":
+            os._exit(3)
+        if x == "segv":
+            ctypes.string_at(0)
+        return (x, os.getpid())
+
+
+class Busy:
+    @staticmethod
+    def f(x: Any) -> Any:
+        if x == "spin":
+            while True:
+                pass
+        if x == "sleep":
+            time.sleep(100)
+        return (x, os.getpid())
+
+
+class IgnoresAbandon:
+    @staticmethod
+    def f(x: Any) -> Any:
+        if x == "deaf":
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            time.sleep(100)
+        return (x, os.getpid())
+
+
+class MarkThenSleep:
+    """Item: a path. Touch it (so the test knows user code is running), then sleep."""
+
+    @staticmethod
+    def f(path: str) -> str:
+        Path(path).touch()
+        time.sleep(100)
+        return "slept"
+
+    @staticmethod
+    def swallowing(path: str) -> str:
+        Path(path).touch()
+        for _ in range(1000):
+            try:  # noqa: SIM105 (a literal except Exception is the point)
+                time.sleep(100)
+            except Exception:
+                pass
+        return "swallowed"
+
+    @staticmethod
+    def deaf(path: str) -> str:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        Path(path).touch()
+        time.sleep(100)
+        return "slept"
+
+
+class WritesFiles:
+    @staticmethod
+    def f(x: Any) -> str:
+        out = Path(os.environ["DCPROTO_OUTPUT_DIR"])
+        if x == "files":
+            (out / "a.txt").write_bytes(b"hello")
+            (out / "sub" / "dir").mkdir(parents=True)
+            (out / "sub" / "dir" / "b.bin").write_bytes(bytes(range(256)))
+            (out / "empty-dir").mkdir()
+        elif x == "too-big":
+            (out / "big.bin").write_bytes(b"\0" * (MAX_OUTPUT_BYTES + 1))
+        elif x == "too-many":
+            for i in range(MAX_OUTPUT_FILES + 1):
+                (out / f"f{i}").write_bytes(b"x")
+        elif x == "then-crash":
+            (out / "partial.txt").write_bytes(b"partial")
+            os._exit(3)
+        return str(out)
+
+    @staticmethod
+    def env(x: Any) -> str | None:
+        return os.environ.get("DCPROTO_OUTPUT_DIR")
+
+
+class Chatty:
+    @staticmethod
+    def f(x: int) -> int:
+        for i in range(2000):
+            print(f"chatter {x} {i} " + "." * 200)
+        sys.stdout.flush()
+        os.write(1, b"\x00\x00\x00\x05hello raw bytes on fd 1")
+        sys.__stdout__.write("via __stdout__\n")
+        sys.__stdout__.flush()
+        print("to stderr too", file=sys.stderr)
+        return x + 1
+
+
+class Sleepy:
+    @staticmethod
+    def f(x: Any) -> Any:
+        time.sleep(0.5)
+        return (x, os.getpid())
+
+
+class Counter:
+    @staticmethod
+    def f(x: Any, _calls: list[Any] = []) -> tuple[int, int]:  # noqa: B006 (state kept on purpose)
+        _calls.append(x)
+        return (len(_calls), os.getpid())
+
+
+class BigValue:
+    @staticmethod
+    def f(x: int) -> bytes:
+        return bytes([x]) * (8 * 1024 * 1024)
+
+
+# --------------------------------------------------------------------------------------------
+# Results, stop and only-if
+# --------------------------------------------------------------------------------------------
+
+
+def test_runner_needs_a_slot() -> None:
+    with pytest.raises(ValueError):
+        Runner(0)
+
+
+async def test_ok_results(runner: Runner) -> None:
+    outcome = await run(runner, make_project(Square), [1, 2, 3])
+    assert outcome.outcome == "ok"
+    assert pairs(outcome) == [(1, 1), (2, 4), (3, 9)]
+    assert (outcome.n_items, outcome.n_kept) == (3, 3)
+    assert outcome.error is None
+    assert outcome.files == []
+    assert set(outcome.stats) == {"run", "exec"}
+    assert 0 <= outcome.stats["run"] <= outcome.stats["exec"]
+
+
+async def test_empty_task(runner: Runner) -> None:
+    outcome = await run(runner, make_project(Square), [])
+    assert outcome.outcome == "ok"
+    assert pairs(outcome) == []
+    assert (outcome.n_items, outcome.n_kept) == (0, 0)
+
+
+async def test_large_value_travels(runner: Runner) -> None:
+    outcome = await run(runner, make_project(BigValue), [1, 2])
+    assert outcome.outcome == "ok"
+    result = pairs(outcome)
+    assert [item for item, _ in result] == [1, 2]
+    assert result[1][1] == b"\x02" * (8 * 1024 * 1024)
+
+
+async def test_stop_keeps_only_the_stopping_pair(runner: Runner) -> None:
+    project = make_project(TenfoldStopAt30, stop="stop")
+    outcome = await run(runner, project, [1, 2, 3, 4, 5, 6])
+    assert outcome.outcome == "stop"
+    assert pairs(outcome) == [(3, 30)]
+    assert (outcome.n_items, outcome.n_kept) == (3, 1)
+    # items after the stopping one never ran
+    assert sorted(name for name, _ in outcome.files) == ["ran-1", "ran-2", "ran-3"]
+
+
+async def test_only_if_drops_falsy(runner: Runner) -> None:
+    outcome = await run(runner, make_project(Mod3, only_if="keep"), list(range(9)))
+    assert outcome.outcome == "ok"
+    assert pairs(outcome) == [(1, 1), (2, 2), (4, 1), (5, 2), (7, 1), (8, 2)]
+    assert (outcome.n_items, outcome.n_kept) == (9, 6)
+
+
+async def test_stop_is_checked_before_only_if(runner: Runner) -> None:
+    # value 0 both stops the task and would be dropped by only-if: stop wins
+    project = make_project(Mod3, stop="is_zero", only_if="keep")
+    outcome = await run(runner, project, [1, 2, 3, 4])
+    assert outcome.outcome == "stop"
+    assert pairs(outcome) == [(3, 0)]
+    assert (outcome.n_items, outcome.n_kept) == (3, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Exceptions in user code and unpicklable values
+# --------------------------------------------------------------------------------------------
+
+
+async def test_exception_with_errors_raise(runner: Runner) -> None:
+    outcome = await run(runner, make_project(Explode), ["one", "two", "three"])
+    assert outcome.outcome == "error"
+    assert outcome.payload == b""
+    assert (outcome.n_items, outcome.n_kept) == (2, 0)
+    error = outcome.error
+    assert error is not None
+    assert error["message"] == "ValueError: bad item two"
+    assert error["type"] == "ValueError"
+    assert error["item"] == "'two'"
+    assert "explode_on_two" in error["traceback"]
+    assert "Traceback (most recent call last)" in error["traceback"]
+
+
+async def test_exception_with_errors_skip(runner: Runner) -> None:
+    outcome = await run(runner, make_project(OddsFail, errors="skip"), list(range(14)))
+    assert outcome.outcome == "ok"
+    assert outcome.error is None
+    assert pairs(outcome) == [(x, x) for x in range(0, 14, 2)]
+    assert (outcome.n_items, outcome.n_kept) == (14, 7)
+    assert outcome.stats["n_errors"] == 7
+    errors = outcome.stats["errors"]
+    assert len(errors) == 5  # only the first few error texts travel back
+    assert [e["item"] for e in errors] == ["1", "3", "5", "7", "9"]
+    assert errors[0]["message"] == "RuntimeError: odd 1"
+
+
+async def test_unpicklable_value(runner: Runner) -> None:
+    outcome = await run(runner, make_project(ReturnsLock), ["a", "lock-me", "b"])
+    assert outcome.outcome == "error"
+    assert outcome.payload == b""
+    assert outcome.n_kept == 0
+    error = outcome.error
+    assert error is not None
+    assert error["reason"] == "unpicklable"
+    assert error["item"] == "'lock-me'"
+    assert "cannot be pickled" in error["message"]
+    assert "lock" in error["message"]
+
+
+async def test_unpicklable_value_dropped_by_only_if_is_fine(runner: Runner) -> None:
+    outcome = await run(runner, make_project(DropsLock, only_if="keep"), ["a", "lock-me"])
+    assert outcome.outcome == "ok"
+    assert pairs(outcome) == [("a", "a")]
+
+
+async def test_items_that_do_not_unpickle(runner: Runner) -> None:
+    project = make_project(Square)
+    task = p.Task(task_id=next(_task_ids), project_id="proj", attempt=1, items=b"not a pickle")
+    outcome = await runner.run(project, task)
+    assert outcome.outcome == "error"
+    assert outcome.error is not None and "UnpicklingError" in outcome.error["message"]
+    # the child survived and runs the next task
+    assert (await run(runner, project, [4])).outcome == "ok"
+
+
+# --------------------------------------------------------------------------------------------
+# Crashes, time limits and abandon
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("item", "expected", "returncode"),
+    [("exit", "exited with code 3", 3), ("segv", "SIGSEGV", -signal.SIGSEGV)],
+)
+async def test_crash_and_the_slot_recovers(
+    runner: Runner, item: str, expected: str, returncode: int
+) -> None:
+    project = make_project(Crashy)
+    before = pairs(await run(runner, project, ["warm-up"]))[0][1][1]
+    outcome = await run(runner, project, ["fine", item, "never"])
+    assert outcome.outcome == "crash"
+    assert outcome.error is not None
+    assert expected in outcome.error["message"]
+    assert outcome.error["returncode"] == returncode
+    assert outcome.payload == b""
+    # same slot, fresh child, project loaded again
+    after = await run(runner, project, ["next"])
+    assert after.outcome == "ok"
+    (_, (_, pid)) = pairs(after)[0]
+    assert pid != before
+
+
+@pytest.mark.parametrize("item", ["spin", "sleep"])
+async def test_timeout_python_code(runner: Runner, item: str) -> None:
+    project = make_project(Busy, task_timeout=0.5)
+    before = pairs(await run(runner, project, ["warm-up"]))[0][1][1]
+    started = time.monotonic()
+    outcome = await run(runner, project, [item])
+    elapsed = time.monotonic() - started
+    assert outcome.outcome == "timeout"
+    assert outcome.error is not None and "0.5" in outcome.error["message"]
+    assert 0.45 <= elapsed < 2.0
+    # Python code gives up on SIGUSR1: the child is kept and keeps working
+    after = await run(runner, project, ["next"])
+    assert after.outcome == "ok"
+    assert pairs(after)[0][1][1] == before
+
+
+async def test_timeout_escalates_to_sigkill(runner: Runner) -> None:
+    project = make_project(IgnoresAbandon, task_timeout=0.5)
+    before = pairs(await run(runner, project, ["warm-up"]))[0][1][1]
+    started = time.monotonic()
+    outcome = await run(runner, project, ["deaf"])
+    elapsed = time.monotonic() - started
+    assert outcome.outcome == "timeout"
+    assert 0.5 + KILL_GRACE - 0.1 <= elapsed < 0.5 + KILL_GRACE + 1.0
+    after = await run(runner, project, ["next"])
+    assert after.outcome == "ok"
+    assert pairs(after)[0][1][1] != before
+
+
+async def test_no_timeout_option_means_no_limit(runner: Runner) -> None:
+    outcome = await run(runner, make_project(Sleepy), ["x"])
+    assert outcome.outcome == "ok"
+
+
+async def test_abandon_running_task(runner: Runner, tmp_path: Path) -> None:
+    project = make_project(MarkThenSleep)
+    marker = tmp_path / "started"
+    task = make_task(project, [str(marker)])
+    running = asyncio.create_task(runner.run(project, task))
+    await wait_for_file(marker)
+    pid = child_pid(runner)
+    started = time.monotonic()
+    assert runner.abandon(task.task_id) is True
+    outcome = await running
+    assert time.monotonic() - started < 0.5
+    assert outcome.outcome == "abandoned"
+    assert outcome.payload == b""
+    assert runner.abandon(task.task_id) is False  # not running any more
+    # the child gave the task up cleanly and is reused
+    after = await run(runner, make_project(Pid, project_id="other"), ["next"])
+    assert pairs(after) == [("next", ("next", pid))]
+
+
+async def test_abandon_unknown_task(runner: Runner) -> None:
+    assert runner.abandon(987654321) is False
+
+
+async def test_abandon_is_not_swallowed_by_except_exception(runner: Runner, tmp_path: Path) -> None:
+    project = make_project(MarkThenSleep, parallel="swallowing")
+    marker = tmp_path / "started"
+    task = make_task(project, [str(marker)])
+    running = asyncio.create_task(runner.run(project, task))
+    await wait_for_file(marker)
+    started = time.monotonic()
+    assert runner.abandon(task.task_id)
+    outcome = await running
+    assert time.monotonic() - started < 0.5
+    assert outcome.outcome == "abandoned"
+
+
+async def test_abandon_escalates_to_sigkill(runner: Runner, tmp_path: Path) -> None:
+    project = make_project(MarkThenSleep, parallel="deaf")
+    marker = tmp_path / "started"
+    task = make_task(project, [str(marker)])
+    running = asyncio.create_task(runner.run(project, task))
+    await wait_for_file(marker)
+    pid = child_pid(runner)
+    started = time.monotonic()
+    assert runner.abandon(task.task_id)
+    outcome = await running
+    elapsed = time.monotonic() - started
+    assert outcome.outcome == "abandoned"  # not "crash", although the child was killed
+    assert KILL_GRACE - 0.1 <= elapsed < KILL_GRACE + 1.0
+    after = await run(runner, make_project(Pid), ["next"])
+    assert after.outcome == "ok"
+    assert pairs(after)[0][1][1] != pid
+
+
+async def test_abandon_of_a_task_still_waiting_for_a_child(runner: Runner, tmp_path: Path) -> None:
+    sleeper = make_project(MarkThenSleep)
+    marker = tmp_path / "started"
+    first = make_task(sleeper, [str(marker)])
+    first_run = asyncio.create_task(runner.run(sleeper, first))
+    await wait_for_file(marker)
+    square = make_project(Square, project_id="square")
+    queued = make_task(square, [5])
+    queued_run = asyncio.create_task(runner.run(square, queued))
+    await asyncio.sleep(0.05)
+    assert runner.abandon(queued.task_id) is False  # not running: the caller must cancel it
+    assert runner.abandon(first.task_id) is True
+    assert (await first_run).outcome == "abandoned"
+    outcome = await queued_run
+    assert outcome.outcome == "ok"
+    assert pairs(outcome) == [(5, 25)]
+
+
+async def test_stray_sigusr1_counts_as_crash(runner: Runner, tmp_path: Path) -> None:
+    project = make_project(MarkThenSleep)
+    marker = tmp_path / "started"
+    running = asyncio.create_task(run(runner, project, [str(marker)]))
+    await wait_for_file(marker)
+    os.kill(child_pid(runner), signal.SIGUSR1)  # not via abandon(): nobody asked for it
+    outcome = await asyncio.wait_for(running, 5)
+    assert outcome.outcome == "crash"
+
+
+# --------------------------------------------------------------------------------------------
+# Additional result files
+# --------------------------------------------------------------------------------------------
+
+
+async def test_additional_files(runner: Runner) -> None:
+    project = make_project(WritesFiles)
+    task = make_task(project, ["files"])
+    outcome = await runner.run(project, task)
+    assert outcome.outcome == "ok"
+    assert outcome.files == [["a.txt", b"hello"], ["sub/dir/b.bin", bytes(range(256))]]
+    output_dir = Path(pairs(outcome)[0][1])
+    assert output_dir.parent == runner.workdir
+    assert output_dir.name == f"task-{task.task_id}-{task.attempt}"
+    assert not output_dir.exists()  # removed after the task
+    # a later task starts with an empty directory of its own
+    again = await run(runner, project, ["nothing"])
+    assert again.outcome == "ok"
+    assert again.files == []
+
+
+async def test_output_dir_env_only_during_a_task(runner: Runner) -> None:
+    project = make_project(WritesFiles, parallel="env")
+    outcome = await run(runner, project, ["x"])
+    assert pairs(outcome)[0][1] is not None
+    assert os.environ.get("DCPROTO_OUTPUT_DIR") is None  # the worker's own env is untouched
+
+
+@pytest.mark.parametrize("item", ["too-big", "too-many"])
+async def test_too_many_file_bytes_is_an_error(runner: Runner, item: str) -> None:
+    project = make_project(WritesFiles)
+    outcome = await run(runner, project, [item])
+    assert outcome.outcome == "error"
+    assert outcome.error is not None and "exceed" in outcome.error["message"]
+    assert outcome.files == []
+    assert outcome.payload == b""
+    assert list(runner.workdir.iterdir()) == []  # cleaned up anyway
+    assert (await run(runner, project, ["files"])).outcome == "ok"
+
+
+async def test_output_dir_of_a_crashed_task_is_removed(runner: Runner) -> None:
+    project = make_project(WritesFiles)
+    task = make_task(project, ["then-crash"])
+    outcome = await runner.run(project, task)
+    assert outcome.outcome == "crash"
+    assert not (runner.workdir / f"task-{task.task_id}-{task.attempt}").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading projects
+# --------------------------------------------------------------------------------------------
+
+
+async def test_missing_module_is_a_load_error(runner: Runner) -> None:
+    project = make_project(Square, modules=["no_such_module_xyz"])
+    outcome = await run(runner, project, [1])
+    assert outcome.outcome == "load_error"
+    assert outcome.error is not None
+    assert "no_such_module_xyz" in outcome.error["message"]
+    # the failed load is remembered, not retried, and does not hurt the child
+    assert (await run(runner, project, [1])).outcome == "load_error"
+    assert (await run(runner, make_project(Square, project_id="good"), [2])).outcome == "ok"
+
+
+def _class_from_a_phantom_module() -> bytes:
+    """Pickled (by reference) class of a module that exists only in the test process."""
+    module = types.ModuleType("phantom_module_xyz")
+    exec("class Phantom:\n    @staticmethod\n    def f(x):\n        return x\n", module.__dict__)
+    sys.modules["phantom_module_xyz"] = module
+    try:
+        return pickle.dumps(module.Phantom)
+    finally:
+        del sys.modules["phantom_module_xyz"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"code": b"certainly not a pickle"}, "UnpicklingError"),
+        ({"code": _class_from_a_phantom_module()}, "phantom_module_xyz"),
+        ({"parallel": "no_such_function"}, "no_such_function"),
+        ({"stop": "no_such_stop"}, "no_such_stop"),
+        ({"only_if": "no_such_filter"}, "no_such_filter"),
+    ],
+)
+async def test_class_that_does_not_load(
+    runner: Runner, kwargs: dict[str, Any], expected: str
+) -> None:
+    outcome = await run(runner, make_project(Square, **kwargs), [1])
+    assert outcome.outcome == "load_error"
+    assert outcome.error is not None and expected in outcome.error["message"]
+    assert (outcome.n_items, outcome.payload) == (0, b"")
+
+
+async def test_project_is_loaded_once_per_child(runner: Runner) -> None:
+    project = make_project(Counter)
+    first = await run(runner, project, ["a"])
+    second = await run(runner, project, ["b", "c"])
+    assert pairs(first)[0][1][0] == 1
+    # the same function object (and its state) serves the second task: no reload
+    assert [value[0] for _, value in pairs(second)] == [2, 3]
+    assert pairs(first)[0][1][1] == pairs(second)[0][1][1]
+    assert list(runner._children[0].loaded) == ["proj"]
+
+
+async def test_several_projects_share_a_child(runner: Runner) -> None:
+    square = make_project(Square, project_id="square")
+    mod3 = make_project(Mod3, project_id="mod3", only_if="keep")
+    assert pairs(await run(runner, square, [3])) == [(3, 9)]
+    assert pairs(await run(runner, mod3, [3, 4])) == [(4, 1)]
+    assert pairs(await run(runner, square, [4])) == [(4, 16)]
+
+
+async def test_project_evicted_from_the_child_cache_is_reloaded(runner: Runner) -> None:
+    projects = [make_project(Square, project_id=f"p{i}") for i in range(MAX_LOADED_PROJECTS + 1)]
+    for i, project in enumerate(projects):
+        assert pairs(await run(runner, project, [i])) == [(i, i * i)]
+    outcome = await run(runner, projects[0], [7])
+    assert outcome.error is None
+    assert outcome.outcome == "ok"
+
+
+# --------------------------------------------------------------------------------------------
+# Channel hygiene and concurrency
+# --------------------------------------------------------------------------------------------
+
+
+async def test_prints_do_not_corrupt_the_channel(runner: Runner) -> None:
+    outcome = await run(runner, make_project(Chatty), [1, 2])
+    assert outcome.outcome == "ok"
+    assert pairs(outcome) == [(1, 2), (2, 3)]
+    assert (await run(runner, make_project(Square), [3])).outcome == "ok"
+
+
+async def test_two_slots_run_concurrently(make_runner: RunnerFactory) -> None:
+    runner = await make_runner(2)
+    project = make_project(Sleepy)
+    started = time.monotonic()
+    first, second = await asyncio.gather(run(runner, project, ["a"]), run(runner, project, ["b"]))
+    assert time.monotonic() - started < 0.9
+    assert first.outcome == second.outcome == "ok"
+    assert pairs(first)[0][1][1] != pairs(second)[0][1][1]  # two different children
+
+
+async def test_more_tasks_than_slots_queue(make_runner: RunnerFactory) -> None:
+    runner = await make_runner(2)
+    project = make_project(Square)
+    outcomes = await asyncio.gather(*(run(runner, project, [i]) for i in range(6)))
+    assert [pairs(o) for o in outcomes] == [[(i, i * i)] for i in range(6)]
