@@ -410,7 +410,8 @@ class _ProjectRun:
                 case p.TaskDone():
                     self._task_done(message)
                 case p.Notice():
-                    log.warning("project %s: %s", self.handle.name, message.text)
+                    level = logging.WARNING if message.level == "warning" else logging.INFO
+                    log.log(level, "project %s: %s", self.handle.name, message.text)
                     self.handle.notices.append(message.text)
                 case p.Finished():
                     self._finished(message)

@@ -58,7 +58,7 @@ class Child:
         self.process: asyncio.subprocess.Process | None = None
         # the projects the child holds, in the child's own LRU order (see child.main)
         self.loaded: OrderedDict[str, None] = OrderedDict()
-        self.task_id: int | None = None
+        self.running: tuple[int, int] | None = None  # (task_id, attempt) in the child now
         self.answer: asyncio.Future[list[Any]] | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -141,8 +141,9 @@ class Runner:
         self.workdir = Path(self._tmp.name)
         self._children = [Child(self.workdir) for _ in range(slots)]
         self._idle: asyncio.Queue[Child] = asyncio.Queue()
-        self._abandoned: set[int] = set()
-        self._running: dict[int, Child] = {}
+        # keyed by (task_id, attempt): a re-sent task may overlap its abandoned attempt
+        self._abandoned: set[tuple[int, int]] = set()
+        self._running: dict[tuple[int, int], Child] = {}
 
     async def start(self) -> None:
         await asyncio.gather(*(child.start() for child in self._children))
@@ -154,13 +155,15 @@ class Runner:
         self._tmp.cleanup()
 
     def abandon(self, task_id: int) -> bool:
-        """Ask the child running ``task_id`` to give it up. False if it is not running."""
-        child = self._running.get(task_id)
-        if child is None:
-            return False
-        self._abandoned.add(task_id)
-        self._give_up(child, task_id)
-        return True
+        """Ask the children running ``task_id`` (any attempt) to give it up. False if none is."""
+        keys = [key for key in self._running if key[0] == task_id]
+        for key in keys:
+            self._abandoned.add(key)
+            self._give_up(self._running[key], key)
+        return bool(keys)
+
+    def is_running(self, task_id: int, attempt: int) -> bool:
+        return (task_id, attempt) in self._running
 
     async def run(self, project: p.Project, task: p.Task) -> Outcome:
         """Run ``task`` in an idle child. Cancelling this coroutine while it waits for a child
@@ -171,9 +174,9 @@ class Runner:
                 await child.start()
             return await self._run_in(child, project, task)
         finally:
-            self._running.pop(task.task_id, None)
-            self._abandoned.discard(task.task_id)
-            child.task_id = None
+            self._running.pop((task.task_id, task.attempt), None)
+            self._abandoned.discard((task.task_id, task.attempt))
+            child.running = None
             self._idle.put_nowait(child)
 
     async def _run_in(self, child: Child, project: p.Project, task: p.Task) -> Outcome:
@@ -196,8 +199,8 @@ class Runner:
         child.loaded.move_to_end(project.project_id)
         loop = asyncio.get_running_loop()
         child.answer = loop.create_future()
-        child.task_id = task.task_id
-        self._running[task.task_id] = child
+        key = child.running = (task.task_id, task.attempt)
+        self._running[key] = child
         output_dir = child.workdir / f"task-{task.task_id}-{task.attempt}"
         child.send(["run", task.task_id, task.project_id, task.items, str(output_dir)])
         try:
@@ -214,13 +217,13 @@ class Runner:
             answer = await asyncio.wait_for(asyncio.shield(child.answer), timeout)
         except TimeoutError:
             timed_out = True
-            self._give_up(child, task.task_id)
+            self._give_up(child, (task.task_id, task.attempt))
             try:
                 answer = await child.answer
             except ChildDied:
                 answer = None
         except ChildDied as exc:
-            if task.task_id in self._abandoned:
+            if (task.task_id, task.attempt) in self._abandoned:
                 return Outcome("abandoned")
             return Outcome("crash", error={"message": str(exc), "returncode": exc.returncode})
         if timed_out:
@@ -228,21 +231,21 @@ class Runner:
                 "timeout",
                 error={"message": f"the task ran longer than its time limit of {timeout} s"},
             )
-        if task.task_id in self._abandoned or answer is None:
+        if (task.task_id, task.attempt) in self._abandoned or answer is None:
             return Outcome("abandoned")  # even a late "ok" is not wanted any more
         _, _, outcome, payload, n_items, n_kept, error, stats, files = answer
         if outcome == "abandoned":
             outcome = "crash"  # a stray signal; count it as a failed attempt, not a success
         return Outcome(outcome, payload, n_items, n_kept, error, stats, files)
 
-    def _give_up(self, child: Child, task_id: int) -> None:
+    def _give_up(self, child: Child, key: tuple[int, int]) -> None:
         """SIGUSR1 now; SIGKILL if the child is still on this task after KILL_GRACE."""
         child.signal(signal.SIGUSR1)
         answer = child.answer
 
         def escalate() -> None:
-            if child.task_id == task_id and answer is not None and not answer.done():
-                log.warning("child %d did not give up task %d; killing it", child.number, task_id)
+            if child.running == key and answer is not None and not answer.done():
+                log.warning("child %d did not give up task %s; killing it", child.number, key)
                 child.signal(signal.SIGKILL)
 
         asyncio.get_running_loop().call_later(KILL_GRACE, escalate)

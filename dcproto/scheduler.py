@@ -23,6 +23,7 @@ credit window so the server never holds more than a bounded number of queued tas
 from __future__ import annotations
 
 import enum
+import math
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,10 +63,10 @@ def normalize_options(options: dict[str, Any]) -> dict[str, Any]:
     """Known options with defaults filled in; raises ValueError on a bad value."""
     merged = dict(DEFAULT_OPTIONS)
     merged.update({k: v for k, v in options.items() if k in DEFAULT_OPTIONS})
-    if not isinstance(merged["lease_timeout"], int | float) or merged["lease_timeout"] <= 0:
+    if not _positive(merged["lease_timeout"]):
         raise ValueError("lease_timeout must be a positive number")
     timeout = merged["task_timeout"]
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+    if timeout is not None and not _positive(timeout):
         raise ValueError("task_timeout must be a positive number or None")
     if type(merged["max_attempts"]) is not int or merged["max_attempts"] < 1:
         raise ValueError("max_attempts must be an integer >= 1")
@@ -73,6 +74,10 @@ def normalize_options(options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"errors must be one of {p.ERROR_POLICIES}")
     merged["fail_when_unrunnable"] = bool(merged["fail_when_unrunnable"])
     return merged
+
+
+def _positive(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value > 0
 
 
 # ---- actions: what the I/O layer must do ----------------------------------------------------
@@ -165,6 +170,7 @@ class WorkerRecord:
     credit: int = 0
     leased: set[int] = field(default_factory=set)
     loaded: set[str] = field(default_factory=set)
+    suspect: bool = False  # a lease expired: no new tasks until the worker shows life
 
 
 class Scheduler:
@@ -174,6 +180,8 @@ class Scheduler:
         self.projects: dict[str, ProjectRecord] = {}
         self.tasks: dict[int, TaskRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
+        # finished tasks of live projects, so late duplicates can still be recognised
+        self._finished_tasks: dict[int, str] = {}
         self._ready: OrderedDict[str, None] = OrderedDict()  # workers with credit > 0
         self._active: deque[str] = deque()  # running projects with queued tasks, in turn
         self._next_task_id = 1
@@ -194,15 +202,23 @@ class Scheduler:
         self._grant_creators()
         return self._flush(now)
 
-    def worker_seen(self, worker_id: str, now: float) -> None:
+    def worker_seen(self, worker_id: str, now: float) -> list[Action]:
         """Any frame from the worker: it is alive, so its leases are renewed."""
         worker = self.workers.get(worker_id)
-        if worker is not None:
-            worker.last_seen = now
+        if worker is None:
+            return []
+        worker.last_seen = now
+        if not worker.suspect:
+            return []
+        worker.suspect = False
+        if worker.credit > 0:
+            self._ready[worker_id] = None
+        return self._flush(now)
 
     def worker_credit(self, worker_id: str, credit: int, now: float) -> list[Action]:
         worker = self.workers[worker_id]
         worker.last_seen = now
+        worker.suspect = False
         self._add_credit(worker, credit)
         return self._flush(now)
 
@@ -226,6 +242,7 @@ class Scheduler:
         """The worker cannot run the project; its tasks of it move on, uncounted as failures."""
         worker = self.workers[worker_id]
         worker.last_seen = now
+        worker.suspect = False
         project = self.projects.get(project_id)
         if project is None or project.status != "running":
             return self._flush(now)
@@ -237,20 +254,29 @@ class Scheduler:
         return self._flush(now)
 
     def task_result(self, worker_id: str, result: p.Result, now: float) -> list[Action]:
+        """A task attempt's outcome. The first ok, stop or error result for a task wins, even
+        from an earlier attempt (a worker that came back); failures and abandons count only
+        for the current attempt; anything else is a late duplicate and is dropped."""
         worker = self.workers[worker_id]
         worker.last_seen = now
+        worker.suspect = False
         self._add_credit(worker, result.credit)
         task = self.tasks.get(result.task_id)
-        if task is not None and result.task_id in worker.leased:
-            worker.leased.discard(result.task_id)
-        if (
-            task is None
-            or task.state is not TaskState.LEASED
-            or task.worker_id != worker_id
-            or task.attempt != result.attempt
-        ):
-            if task is not None and result.outcome != "abandoned":
-                self.projects[task.project_id].duplicates_dropped += 1
+        if task is None:
+            project = self.projects.get(self._finished_tasks.get(result.task_id, ""))
+            if project is not None and result.outcome != "abandoned":
+                project.duplicates_dropped += 1
+            return self._flush(now)
+        current = (
+            task.state is TaskState.LEASED
+            and task.worker_id == worker_id
+            and task.attempt == result.attempt
+        )
+        if current:
+            worker.leased.discard(task.task_id)
+        elif result.outcome in ("ok", "stop", "error"):
+            self._take_back(task)
+        else:
             return self._flush(now)
         project = self.projects[task.project_id]
         outcome = result.outcome
@@ -320,6 +346,11 @@ class Scheduler:
                 ),
             )
         )
+        if not self.workers:
+            text = "no worker is connected yet; the project waits for one"
+            self._actions.append(
+                ToCreator(creator_id, p.Notice(project_id=project_id, level="info", text=text))
+            )
         return self._flush(now)
 
     def add_tasks(self, creator_id: str, message: p.Tasks, now: float) -> list[Action]:
@@ -383,8 +414,11 @@ class Scheduler:
                 worker.leased.discard(task_id)
                 self._requeue(self.tasks[task_id], reissue=True)
             if expired:
-                # the worker may be frozen, not dead: if it wakes it must drop these tasks
+                # the worker may be frozen, not dead: if it wakes it must drop these tasks,
+                # and it gets no new ones until it shows a sign of life
                 self._actions.append(AbandonTasks(worker.worker_id, expired))
+                worker.suspect = True
+                self._ready.pop(worker.worker_id, None)
         return self._flush(now)
 
     def next_deadline(self) -> float | None:
@@ -412,7 +446,8 @@ class Scheduler:
     def _add_credit(self, worker: WorkerRecord, credit: int) -> None:
         if credit > 0:
             worker.credit += credit
-            self._ready[worker.worker_id] = None
+            if not worker.suspect:
+                self._ready[worker.worker_id] = None
 
     def _window(self) -> int:
         return max(MIN_WINDOW, 4 * self._total_slots)
@@ -475,6 +510,23 @@ class Scheduler:
         project.leased.discard(task.task_id)
         task.items = b""  # the payload is no longer needed; keep memory flat
         del self.tasks[task.task_id]
+        self._finished_tasks[task.task_id] = project.project_id
+
+    def _take_back(self, task: TaskRecord) -> None:
+        """Withdraw a task from wherever it is (queue or another worker's lease), because a
+        result from an earlier attempt arrived first."""
+        project = self.projects[task.project_id]
+        if task.state is TaskState.LEASED:
+            holder = self.workers.get(task.worker_id or "")
+            if holder is not None:
+                holder.leased.discard(task.task_id)
+                self._actions.append(AbandonTasks(holder.worker_id, [task.task_id]))
+            project.leased.discard(task.task_id)
+        else:
+            for queue in (project.queue, project.retries):
+                if task.task_id in queue:
+                    queue.remove(task.task_id)
+        task.state = TaskState.LEASED  # so that the outcome below completes it
 
     def _maybe_done(self, project: ProjectRecord, now: float) -> None:
         if (
@@ -526,6 +578,9 @@ class Scheduler:
 
     def _forget(self, project_id: str) -> None:
         self.projects.pop(project_id, None)
+        self._finished_tasks = {
+            t: pid for t, pid in self._finished_tasks.items() if pid != project_id
+        }
         for worker in self.workers.values():
             worker.loaded.discard(project_id)
 

@@ -181,7 +181,7 @@ class Server:
     def handle(self, conn: ServerConnection, message: p.Message) -> None:
         now = time.monotonic()
         if conn.role == "worker":
-            self.scheduler.worker_seen(conn.conn_id, now)
+            self._run(self.scheduler.worker_seen(conn.conn_id, now))
         match message:
             case p.Hello():
                 self._hello(conn, message, now)

@@ -70,7 +70,8 @@ class Worker:
         self.runner = Runner(self.slots)
         self._projects: OrderedDict[str, p.Project] = OrderedDict()
         self._rejected: set[str] = set()
-        self._tasks: dict[int, asyncio.Task[None]] = {}
+        # keyed by (task_id, attempt): a re-sent task may overlap its abandoned attempt
+        self._tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self._open_credit = 0
         self._proto: p.Connection | None = None
@@ -273,12 +274,12 @@ class Worker:
                     error = None if project else {"message": "Task before its Project"}
                     self._reply(message, Outcome(outcome, error=error))
                     return
-                self._tasks[message.task_id] = asyncio.create_task(self._run_task(project, message))
+                self._tasks[(message.task_id, message.attempt)] = asyncio.create_task(
+                    self._run_task(project, message)
+                )
             case p.Abandon():
                 for task_id in message.task_ids:
-                    running = self._tasks.get(task_id)
-                    if running is not None and not self.runner.abandon(task_id):
-                        running.cancel()  # still waiting for a child: drop it now
+                    self._abandon(task_id)
             case p.Goodbye() | p.Error():
                 log.info("server says: %s", message)
             case _:
@@ -293,7 +294,7 @@ class Worker:
             log.exception("runner failed on task %d", task.task_id)
             outcome = Outcome("crash", error={"message": f"worker error: {exc}"})
         finally:
-            self._tasks.pop(task.task_id, None)
+            self._tasks.pop((task.task_id, task.attempt), None)
         self._reply(task, outcome)
 
     def _reply(self, task: p.Task, outcome: Outcome) -> None:
@@ -317,10 +318,16 @@ class Worker:
         if self.done and not self._tasks:
             self._stopping.set()
 
+    def _abandon(self, task_id: int) -> None:
+        """Give up every attempt of ``task_id`` held here, running or still waiting."""
+        self.runner.abandon(task_id)
+        for (held_id, attempt), waiting in list(self._tasks.items()):
+            if held_id == task_id and not self.runner.is_running(held_id, attempt):
+                waiting.cancel()  # still waiting for a child: drop it now
+
     async def _abandon_all(self) -> None:
-        for task_id, running in list(self._tasks.items()):
-            if not self.runner.abandon(task_id):
-                running.cancel()
+        for task_id, _ in list(self._tasks):
+            self._abandon(task_id)
         if self._tasks:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
