@@ -71,6 +71,7 @@ __all__ = [
     "SerializationError",
     "TaskFailed",
     "UnhashableItemError",
+    "attach",
     "load_results",
     "output_dir",
 ]

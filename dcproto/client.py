@@ -13,11 +13,12 @@ import contextlib
 import itertools
 import logging
 import os
+import random
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 from . import protocol as p
 from .errors import AuthenticationFailed, ConnectionFailed
@@ -25,6 +26,7 @@ from .errors import AuthenticationFailed, ConnectionFailed
 log = logging.getLogger("dcproto.client")
 
 CONNECT_TIMEOUT = 10.0
+SILENCE_FACTOR = 3  # a server silent for this many heartbeat intervals is taken for gone
 T = TypeVar("T")
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -76,90 +78,149 @@ def call(coro: Awaitable[T], timeout: float | None = None) -> T:
     return future.result(timeout)
 
 
-class CreatorClient:
-    """A creator connection: submits projects and routes server messages to their handlers."""
+async def open_session(
+    host: str,
+    port: int,
+    *,
+    role: str,
+    secret: str,
+    device_id: str | None,
+    name: str,
+    slots: int,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, p.Connection, p.Welcome]:
+    """Connect and run the handshake. Raises ConnectionFailed or AuthenticationFailed."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=2**20), CONNECT_TIMEOUT
+        )
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionFailed(f"cannot reach the dcproto server at {host}:{port}: {exc}") from exc
+    proto = p.Connection("client", role=role)
 
-    def __init__(self, host: str, port: int, secret: str) -> None:
-        self.host, self.port, self.secret = host, port, secret
-        self.proto = p.Connection("client", role="creator")
-        self.device_id: str | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._refs = itertools.count(1)
-        self._accepts: dict[int, asyncio.Future[p.Accepted]] = {}
-        self.handlers: dict[str, Callable[[p.Message], None]] = {}
-        self._read_task: asyncio.Task[None] | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
-        self._last_sent = 0.0
-        self.heartbeat_interval = 5.0
-        self.closed = False
-
-    async def connect(self) -> None:
-        try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=2**20), CONNECT_TIMEOUT
-            )
-        except (OSError, TimeoutError) as exc:
-            raise ConnectionFailed(
-                f"cannot reach the dcproto server at {self.host}:{self.port}: {exc}"
-            ) from exc
-        try:
-            await asyncio.wait_for(self._handshake(), CONNECT_TIMEOUT)
-        except BaseException:
-            self._writer.close()
-            raise
-        self._read_task = asyncio.create_task(self._read_loop())
-        self._heartbeat_task = asyncio.create_task(self._heartbeats())
-
-    async def _heartbeats(self) -> None:
-        """Keep the server from taking us for gone while projects run and we are quiet."""
-        while not self.closed:
-            await asyncio.sleep(self.heartbeat_interval / 2)
-            if time.monotonic() - self._last_sent >= self.heartbeat_interval / 2:
-                with contextlib.suppress(ConnectionFailed):
-                    self.send(p.Heartbeat())
-
-    async def _next(self) -> p.Message:
-        assert self._reader is not None
+    async def next_message() -> p.Message:
         while True:
-            data = await self._reader.read(65536)
+            data = await reader.read(65536)
             if not data:
                 raise ConnectionFailed("the server closed the connection during the handshake")
-            messages = self.proto.receive_data(data)
-            if self.proto.error is not None:
-                raise ConnectionFailed(f"protocol error: {self.proto.error}")
+            messages = proto.receive_data(data)
+            if proto.error is not None:
+                writer.write(proto.data_to_send())
+                raise ConnectionFailed(f"protocol error in the handshake: {proto.error}")
             if messages:
                 return messages[0]
 
-    async def _handshake(self) -> None:
-        challenge = await self._next()
+    async def steps() -> p.Welcome:
+        challenge = await next_message()
         if not isinstance(challenge, p.Challenge):
             raise ConnectionFailed(f"the server refused the connection: {challenge}")
-        self.send(
+        proto.send(
             p.Hello(
                 version=p.PROTOCOL_VERSION,
-                role="creator",
-                auth=p.auth_token(self.secret, challenge.nonce),
-                device_id=None,
-                name=f"{socket.gethostname()}:{os.getpid()}",
-                slots=0,
+                role=role,
+                auth=p.auth_token(secret, challenge.nonce),
+                device_id=device_id,
+                name=name,
+                slots=slots,
             )
         )
-        answer = await self._next()
+        writer.write(proto.data_to_send())
+        answer = await next_message()
         if isinstance(answer, p.Error):
             if answer.code == "auth_failed":
-                raise AuthenticationFailed(
-                    f"the server at {self.host}:{self.port} refused the secret"
-                )
+                raise AuthenticationFailed(f"the server at {host}:{port} refused the secret")
             raise ConnectionFailed(f"the server refused: {answer.code}: {answer.message}")
         if not isinstance(answer, p.Welcome):
             raise ConnectionFailed(f"unexpected handshake answer {answer}")
-        self.device_id = answer.device_id
-        self.heartbeat_interval = answer.heartbeat_interval
+        return answer
+
+    try:
+        welcome = await asyncio.wait_for(steps(), CONNECT_TIMEOUT)
+    except TimeoutError as exc:
+        writer.close()
+        raise ConnectionFailed(f"no handshake answer from {host}:{port}") from exc
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer, proto, welcome
+
+
+def backoff_delays(start: float = 0.1, cap: float = 5.0) -> Iterator[float]:
+    """Capped exponential backoff with jitter (0.5x to 1.5x), forever."""
+    delay = start
+    while True:
+        yield delay * random.uniform(0.5, 1.5)
+        delay = min(cap, delay * 2)
+
+
+class ProjectListener(Protocol):
+    def on_message(self, message: p.Message) -> None: ...
+
+    def on_disconnect(self) -> None: ...
+
+    async def on_reconnect(self) -> None: ...
+
+    def on_lost(self, error: ConnectionFailed) -> None: ...
+
+
+class CreatorClient:
+    """A creator connection shared by a process's projects. When it drops, it reconnects with
+    backoff for up to ``reconnect_timeout`` seconds and has each project re-attach."""
+
+    def __init__(
+        self, host: str, port: int, secret: str, *, reconnect_timeout: float = 300.0
+    ) -> None:
+        self.host, self.port, self.secret = host, port, secret
+        self.reconnect_timeout = reconnect_timeout
+        self.proto = p.Connection("client", role="creator")
+        self.device_id: str | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._refs = itertools.count(1)
+        self._replies: dict[int, asyncio.Future[p.Message]] = {}
+        self.listeners: dict[str, ProjectListener] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_sent = self._last_received = 0.0
+        self.heartbeat_interval = 5.0
+        self.connected = asyncio.Event()
+        self.closed = False  # for good: no reconnect
+
+    async def connect(self) -> None:
+        reader, writer, proto, welcome = await open_session(
+            self.host,
+            self.port,
+            role="creator",
+            secret=self.secret,
+            device_id=self.device_id,
+            name=f"{socket.gethostname()}:{os.getpid()}",
+            slots=0,
+        )
+        self._writer, self.proto = writer, proto
+        self.device_id = welcome.device_id
+        self.heartbeat_interval = welcome.heartbeat_interval
+        self._last_sent = self._last_received = time.monotonic()
+        self.connected.set()
+        self._tasks = [
+            asyncio.create_task(self._read_loop(reader)),
+            asyncio.create_task(self._heartbeats()),
+        ]
+
+    async def _heartbeats(self) -> None:
+        """Keep the server from taking us for gone, and notice a server gone silent."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval / 2)
+            now = time.monotonic()
+            if now - self._last_received > SILENCE_FACTOR * self.heartbeat_interval:
+                log.warning("the server has been silent too long; reconnecting")
+                if self._writer is not None:
+                    self._writer.transport.abort()
+                return
+            if now - self._last_sent >= self.heartbeat_interval / 2:
+                with contextlib.suppress(ConnectionFailed):
+                    self.send(p.Heartbeat())
 
     def send(self, message: p.Message) -> None:
-        if self.closed or self.proto.state is p.State.CLOSED:
-            raise ConnectionFailed("the connection to the server is closed")
+        """Queue ``message``; raises ConnectionFailed while disconnected."""
+        if not self.connected.is_set() or self.proto.state is not p.State.READY:
+            raise ConnectionFailed("not connected to the server")
         self.proto.send(message)
         data = self.proto.data_to_send()
         if data and self._writer is not None:
@@ -167,24 +228,49 @@ class CreatorClient:
             self._last_sent = time.monotonic()
 
     async def drain(self) -> None:
-        if self._writer is not None:
-            await self._writer.drain()
+        if self._writer is not None and self.connected.is_set():
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
+
+    async def request(self, message: p.Message, ref: int) -> p.Message:
+        """Send a message carrying ``ref`` and wait for the reply with the same ref."""
+        future: asyncio.Future[p.Message] = asyncio.get_running_loop().create_future()
+        self._replies[ref] = future
+        try:
+            self.send(message)
+            return await future
+        finally:
+            self._replies.pop(ref, None)
+
+    def next_ref(self) -> int:
+        return next(self._refs)
 
     async def submit(self, submit_fields: dict[str, Any]) -> p.Accepted:
-        ref = next(self._refs)
-        future: asyncio.Future[p.Accepted] = asyncio.get_running_loop().create_future()
-        self._accepts[ref] = future
-        self.send(p.Submit(ref=ref, **submit_fields))
-        return await future
+        ref = self.next_ref()
+        reply = await self.request(p.Submit(ref=ref, **submit_fields), ref)
+        assert isinstance(reply, p.Accepted)
+        return reply
 
-    async def _read_loop(self) -> None:
-        assert self._reader is not None
+    async def attach(self, project_id: str) -> p.Attached:
+        ref = self.next_ref()
+        reply = await self.request(p.Attach(ref=ref, project_id=project_id), ref)
+        assert isinstance(reply, p.Attached)
+        return reply
+
+    async def list_projects(self) -> list[dict[str, Any]]:
+        ref = self.next_ref()
+        reply = await self.request(p.ListProjects(ref=ref), ref)
+        assert isinstance(reply, p.ProjectList)
+        return reply.projects
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         reason = "the server closed the connection"
         try:
             while True:
-                data = await self._reader.read(2**20)
+                data = await reader.read(2**20)
                 if not data:
                     break
+                self._last_received = time.monotonic()
                 for message in self.proto.receive_data(data):
                     self._dispatch(message)
                 if self.proto.state is p.State.CLOSED:
@@ -192,44 +278,80 @@ class CreatorClient:
                     break
         except (OSError, asyncio.IncompleteReadError) as exc:
             reason = f"connection to the server lost: {exc}"
-        finally:
-            self._lost(reason)
+        self._disconnected(reason)
 
     def _dispatch(self, message: p.Message) -> None:
-        if isinstance(message, p.Accepted):
-            future = self._accepts.pop(message.ref, None)
+        ref = getattr(message, "ref", None)
+        if ref is not None:
+            future = self._replies.get(ref)
             if future is not None and not future.done():
                 future.set_result(message)
             return
         project_id = getattr(message, "project_id", None)
         if project_id is None:
             if isinstance(message, p.Goodbye | p.Error):
-                log.warning("server: %s", message)
+                log.info("server: %s", message)
             return
-        handler = self.handlers.get(project_id)
-        if handler is not None:
-            handler(message)
+        listener = self.listeners.get(project_id)
+        if listener is not None:
+            listener.on_message(message)
 
-    def _lost(self, reason: str) -> None:
-        self.closed = True
-        error = ConnectionFailed(reason)
-        for future in self._accepts.values():
-            if not future.done():
-                future.set_exception(error)
-        self._accepts.clear()
-        for handler in list(self.handlers.values()):
-            handler(p.Goodbye(reason=reason))
+    def _disconnected(self, reason: str) -> None:
+        self.connected.clear()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
         if self._writer is not None:
             self._writer.close()
+        error = ConnectionFailed(reason)
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(error)
+        if self.closed or not self.listeners or self.reconnect_timeout <= 0:
+            self._give_up(error)
+            return
+        log.warning("%s; reconnecting", reason)
+        for listener in list(self.listeners.values()):
+            listener.on_disconnect()
+        self._tasks = [asyncio.create_task(self._reconnect(reason))]
+
+    async def _reconnect(self, reason: str) -> None:
+        deadline = time.monotonic() + self.reconnect_timeout
+        for delay in backoff_delays():
+            if time.monotonic() + delay > deadline:
+                break
+            await asyncio.sleep(delay)
+            try:
+                await self.connect()
+            except AuthenticationFailed as exc:
+                self._give_up(exc)
+                return
+            except ConnectionFailed as exc:
+                reason = str(exc)
+                continue
+            log.info("reconnected to %s:%d", self.host, self.port)
+            self._tasks += [
+                asyncio.create_task(listener.on_reconnect())
+                for listener in list(self.listeners.values())
+            ]
+            return
+        self._give_up(
+            ConnectionFailed(f"{reason} (no reconnect within {self.reconnect_timeout:.0f} s)")
+        )
+
+    def _give_up(self, error: ConnectionFailed) -> None:
+        self.closed = True
+        for listener in list(self.listeners.values()):
+            listener.on_lost(error)
+        self.listeners.clear()
 
     async def close(self) -> None:
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-        if self._read_task is not None:
-            self._read_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._read_task
         self.closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
         if self._writer is not None:
             self._writer.close()
 
@@ -237,12 +359,16 @@ class CreatorClient:
 _clients: dict[tuple[str, int, str], CreatorClient] = {}
 
 
-async def get_client(host: str, port: int, secret: str) -> CreatorClient:
-    """The shared, connected client for that server (reconnecting if the last one closed)."""
+async def get_client(
+    host: str, port: int, secret: str, *, reconnect_timeout: float = 300.0
+) -> CreatorClient:
+    """The shared, connected client for that server (a new one if the last gave up)."""
     key = (host, port, secret)
     client = _clients.get(key)
+    if client is not None and not client.closed and not client.connected.is_set():
+        await client.connected.wait()  # reconnecting: wait for it (bounded by its timeout)
     if client is None or client.closed:
-        client = CreatorClient(host, port, secret)
+        client = CreatorClient(host, port, secret, reconnect_timeout=reconnect_timeout)
         await client.connect()
         if not _clients:
             on_shutdown(_close_clients)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
+import dataclasses
 import inspect
-import itertools
 import logging
 import pickle
 import sys
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,18 +23,14 @@ from typing import Any
 import cloudpickle
 
 from . import protocol as p
-from .client import CreatorClient, background_loop, call, get_client
+from .client import background_loop, call
 from .errors import (
     ConfigurationError,
     ConnectionFailed,
-    DcprotoError,
-    ProjectCancelled,
-    ProjectUnrunnable,
     SerializationError,
-    TaskFailed,
-    UnhashableItemError,
 )
 from .results import ResultsWriter
+from .run import ProjectRun
 
 log = logging.getLogger("dcproto")
 
@@ -76,6 +70,7 @@ class ProjectSpec:
     modules: tuple[str, ...]
     options: dict[str, Any]
     local_workers: int | None
+    reconnect_timeout: float = 300.0
 
 
 def _check_function(cls: type, name: str | None, role: str) -> None:
@@ -109,7 +104,9 @@ class Distribute:
     ``max_attempts`` (crashes or timeouts of a task before the project fails),
     ``lease_timeout`` (seconds without a sign of life before a worker's tasks are re-issued),
     ``errors`` (``"raise"``: an exception fails the project; ``"skip"``: the item is dropped and
-    reported in ``project.errors``) and ``local_workers`` (slots of the embedded default).
+    reported in ``project.errors``), ``local_workers`` (slots of the embedded default) and
+    ``reconnect_timeout`` (seconds to keep trying when the connection to the server drops; the
+    project re-attaches and goes on; past it, ``results()`` raises ConnectionFailed).
     """
 
     def __init__(
@@ -128,6 +125,7 @@ class Distribute:
         lease_timeout: float = 30.0,
         errors: str = "raise",
         local_workers: int | None = None,
+        reconnect_timeout: float = 300.0,
     ) -> None:
         if iterator is None:
             raise ConfigurationError("Distribute needs an iterator (any iterable of items)")
@@ -164,6 +162,7 @@ class Distribute:
             modules=tuple(modules),
             options=options,
             local_workers=local_workers,
+            reconnect_timeout=reconnect_timeout,
         )
 
     def __call__(self, cls: type) -> type[ProjectHandle]:
@@ -203,13 +202,20 @@ def pickle_class(cls: type, modules: Sequence[str]) -> bytes:
             cloudpickle.unregister_pickle_by_value(module)
 
 
+class _Default:
+    """Marks an argument left out (None is a meaningful user_name: the embedded default)."""
+
+
+DEFAULT = _Default()
+
+
 class ProjectHandle:
     """What ``Project()`` returns: a running project. Created by the ``Distribute`` decorator."""
 
     _spec: ProjectSpec
     user_class: type
 
-    def __init__(self) -> None:
+    def __init__(self, *, _attach_to: str | None = None) -> None:
         spec = self._spec
         self.name = self.user_class.__qualname__
         self.project_id: str | None = None
@@ -217,15 +223,35 @@ class ProjectHandle:
         self.notices: list[str] = []
         self.stats: dict[str, Any] = {}
         self._writer = ResultsWriter(spec.results_path) if spec.results_path else None
-        code = pickle_class(self.user_class, spec.modules)
         self._future: concurrent.futures.Future[dict[Any, Any]] = concurrent.futures.Future()
-        self._run = _ProjectRun(self, code)
+        if _attach_to is None:
+            self._run = ProjectRun(self, pickle_class(self.user_class, spec.modules))
+            starting = self._run.start()
+        else:
+            self._run = ProjectRun(self, b"")
+            starting = self._run.start_attached(_attach_to)
         try:
-            call(self._run.start(), timeout=60)
-        except DcprotoError:
-            raise
+            call(starting, timeout=60)
         except concurrent.futures.TimeoutError:
-            raise ConnectionFailed("timed out submitting the project") from None
+            raise ConnectionFailed("timed out reaching the server") from None
+
+    @classmethod
+    def attach(
+        cls, project_id: str, *, user_name: str | _Default | None = DEFAULT
+    ) -> ProjectHandle:
+        """A handle on a project submitted earlier, perhaps by a process that has exited.
+
+        Results delivered so far are replayed. If the project was still being fed when its
+        creator went away, feeding resumes where the server's stored tasks end, by skipping
+        that many items of this class's iterator, so the iterator must yield the same items
+        in the same order (a range, a list, a deterministic generator)."""
+        spec = cls._spec
+        if not isinstance(user_name, _Default):
+            spec = dataclasses.replace(spec, user_name=user_name)
+        handle = cls.__new__(cls)
+        handle._spec = spec
+        ProjectHandle.__init__(handle, _attach_to=project_id)
+        return handle
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -266,294 +292,26 @@ class ProjectHandle:
         return f"<{self.name} project {self.project_id} {self._run.status}>"
 
 
-class _ProjectRun:
-    """The project's life on the background loop: feed tasks, take results, finish."""
-
-    def __init__(self, handle: ProjectHandle, code: bytes) -> None:
-        self.handle = handle
-        self.spec = handle._spec
-        self.code = code
-        self.client: CreatorClient | None = None
-        self.project_id: str | None = None
-        self.status = "submitting"
-        self.results: dict[Any, Any] = {}
-        self.tasks_done = self.items_done = self.items_kept = 0
-        self.run_time_total = self.exec_time_total = self.round_trip_total = 0.0
-        self.total_tasks: int | None = None
-        self.total_items: int | None = None
-        self.credit = 0
-        self._credit_event = asyncio.Event()
-        self._feeder: asyncio.Task[None] | None = None
-        self.submitted_at = time.time()
-        self.finished = False
-
-    async def start(self) -> None:
-        spec = self.spec
-        options = dict(spec.options)
-        if spec.user_name is None:
-            from .local import local_cluster
-
-            cluster = await local_cluster(spec.local_workers)
-            host, port, secret = cluster.host, cluster.port, cluster.secret
-            options["fail_when_unrunnable"] = True
-        else:
-            from .users import get_user
-
-            user = get_user(spec.user_name)
-            if not user.secret:
-                raise ConfigurationError(f"user {spec.user_name!r} has no secret")
-            host, port, secret = user.host, user.port, user.secret
-        self.client = await get_client(host, port, secret)
-        accepted = await self.client.submit(
-            {
-                "name": self.handle.name,
-                "code": self.code,
-                "modules": list(spec.modules),
-                "parallel": spec.parallel_func,
-                "stop": spec.stop_func,
-                "only_if": spec.only_if_func,
-                "options": options,
-            }
-        )
-        self.project_id = self.handle.project_id = accepted.project_id
-        self.client.handlers[accepted.project_id] = self._on_message
-        self.status = "running"
-        self.credit = accepted.credit
-        if self.handle._writer is not None:
-            self.handle._writer.started(accepted.project_id, self.handle.name)
-        self._feeder = asyncio.create_task(self._feed())
-
-    # ---- feeding tasks -------------------------------------------------------------------------
-
-    async def _feed(self) -> None:
-        try:
-            iterator: Iterator[Any] = iter(self.spec.iterator)
-        except Exception as exc:
-            self._fail_locally(DcprotoError(f"the iterator cannot be iterated: {exc}"))
-            return
-        seq = itertools.count()
-        total_tasks = total_items = 0
-        size = self.spec.task_size
-        while not self.finished:
-            while self.credit <= 0 and not self.finished:
-                self._credit_event.clear()
-                await self._credit_event.wait()
-            if self.finished:
-                return
-            batch: list[list[Any]] = []
-            batch_bytes = 0
-            exhausted = False
-            try:
-                while (
-                    len(batch) < min(self.credit, MAX_TASKS_PER_FRAME)
-                    and batch_bytes < MAX_FRAME_PAYLOAD
-                ):
-                    items = list(itertools.islice(iterator, size))
-                    if not items:
-                        exhausted = True
-                        break
-                    blob = _pickle_items(items)
-                    batch.append([next(seq), blob, len(items)])
-                    batch_bytes += len(blob)
-                    total_items += len(items)
-            except DcprotoError as exc:
-                self._fail_locally(exc)
-                return
-            except Exception as exc:
-                self._fail_locally(DcprotoError(f"the iterator raised {exc!r}"))
-                return
-            assert self.client is not None and self.project_id is not None
-            try:
-                if batch:
-                    self.credit -= len(batch)
-                    total_tasks += len(batch)
-                    self.client.send(p.Tasks(project_id=self.project_id, tasks=batch))
-                if exhausted:
-                    self.total_tasks, self.total_items = total_tasks, total_items
-                    self.client.send(
-                        p.End(
-                            project_id=self.project_id,
-                            total_tasks=total_tasks,
-                            total_items=total_items,
-                        )
-                    )
-                    return
-                await self.client.drain()
-            except (ConnectionFailed, ConnectionError) as exc:
-                self._finish(error=ConnectionFailed(str(exc)))
-                return
-            await asyncio.sleep(0)
-
-    def _fail_locally(self, error: DcprotoError) -> None:
-        """The creator side failed (iterator, pickling): cancel on the server, then fail."""
-        if self.client is not None and self.project_id is not None:
-            with contextlib.suppress(DcprotoError):
-                self.client.send(p.Cancel(project_id=self.project_id))
-        self._finish(error=error)
-
-    def cancel(self) -> None:
-        if self.finished or self.client is None or self.project_id is None:
-            return
-        with contextlib.suppress(DcprotoError):
-            self.client.send(p.Cancel(project_id=self.project_id))
-
-    # ---- messages from the server --------------------------------------------------------------
-
-    def _on_message(self, message: p.Message) -> None:
-        if self.finished:
-            return
-        try:
-            match message:
-                case p.More():
-                    self.credit += message.credit
-                    self._credit_event.set()
-                case p.TaskDone():
-                    self._task_done(message)
-                case p.Notice():
-                    level = logging.WARNING if message.level == "warning" else logging.INFO
-                    log.log(level, "project %s: %s", self.handle.name, message.text)
-                    self.handle.notices.append(message.text)
-                case p.Finished():
-                    self._finished(message)
-                case p.Goodbye():
-                    self._finish(error=ConnectionFailed(message.reason))
-        except DcprotoError as exc:
-            self._fail_locally(exc)
-
-    def _task_done(self, message: p.TaskDone) -> None:
-        pairs = _unpickle(message.payload, "the results of a task")
-        self.results.update(pairs)
-        self.tasks_done += 1
-        self.items_done += message.n_items
-        self.items_kept += message.n_kept
-        self.run_time_total += message.stats.get("run", 0.0)
-        self.exec_time_total += message.stats.get("exec", 0.0)
-        self.round_trip_total += message.stats.get("round_trip", 0.0)
-        errors = message.stats.get("errors")
-        if errors:
-            self.handle.errors.extend(errors)
-        writer = self.handle._writer
-        if writer is not None:
-            writer.task_done(message.seq, message.stats, message.files)
-
-    def _finished(self, message: p.Finished) -> None:
-        stats = dict(message.stats)
-        self.handle.stats = stats
-        if message.status == "done":
-            self._finish(result=self.results, stats=stats)
-        elif message.status == "stopped":
-            assert message.stop is not None
-            _, payload = message.stop
-            stopped = dict(_unpickle(payload, "the stopping result"))
-            self._finish(result=stopped, stats=stats, status="stopped")
-        elif message.status == "cancelled":
-            self._finish(error=ProjectCancelled(f"project {self.handle.name} was cancelled"))
-        else:
-            error = message.error or {}
-            reason = error.get("reason", "failed")
-            text = error.get("message", "the project failed")
-            if reason == "unrunnable":
-                self._finish(error=ProjectUnrunnable(text), stats=stats)
-            else:
-                self._finish(
-                    error=TaskFailed(
-                        f"project {self.handle.name} failed: {text}",
-                        reason=reason,
-                        attempts=error.get("attempts", 1),
-                        item=error.get("item"),
-                        remote_traceback=error.get("traceback"),
-                        details=error,
-                    ),
-                    stats=stats,
-                )
-
-    def _finish(
-        self,
-        *,
-        result: dict[Any, Any] | None = None,
-        error: BaseException | None = None,
-        stats: dict[str, Any] | None = None,
-        status: str | None = None,
-    ) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self._credit_event.set()
-        if status is not None:
-            self.status = status
-        elif error is not None:
-            self.status = "cancelled" if isinstance(error, ProjectCancelled) else "failed"
-        else:
-            self.status = "done"
-        if self.client is not None and self.project_id is not None:
-            self.client.handlers.pop(self.project_id, None)
-        writer = self.handle._writer
-        if writer is not None:
-            try:
-                writer.finish(
-                    results=result,
-                    status=self.status,
-                    error=error,
-                    stats=self._stats(stats or {}),
-                    errors=self.handle.errors,
-                )
-            except DcprotoError as exc:
-                error = error or exc
-        future = self.handle._future
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result if result is not None else {})
-
-    def _stats(self, server: dict[str, Any]) -> dict[str, Any]:
-        finished_at = time.time()
-        wall = finished_at - self.submitted_at
-        first_started_at = None
-        if server.get("first_started_at") is not None and server.get("submitted_at") is not None:
-            # the server's clock is monotonic; carry its delay over to our wall clock
-            first_started_at = self.submitted_at + (
-                server["first_started_at"] - server["submitted_at"]
-            )
-        return {
-            "project_id": self.project_id,
-            "name": self.handle.name,
-            "status": self.status,
-            "submitted_at": self.submitted_at,
-            "first_started_at": first_started_at,
-            "finished_at": finished_at,
-            "wall_time": wall,
-            "total_tasks": self.total_tasks,
-            "total_items": self.total_items,
-            "tasks_done": self.tasks_done,
-            "items_done": self.items_done,
-            "items_kept": self.items_kept,
-            "tasks_reissued": server.get("tasks_reissued", 0),
-            "duplicates_dropped": server.get("duplicates_dropped", 0),
-            "per_worker_tasks": server.get("per_worker", {}),
-            "items_per_second": self.items_done / wall if wall > 0 else None,
-            "run_time_total": self.run_time_total,
-            "exec_time_total": self.exec_time_total,
-            "round_trip_total": self.round_trip_total,
-        }
+def attach(
+    project_id: str, *, user_name: str | None, results_path: str | Path | None = None
+) -> ProjectHandle:
+    """A handle on a project by id alone (no project class): it receives the project's results
+    but cannot feed tasks, so a project whose creator had not finished feeding it waits."""
+    spec = ProjectSpec(
+        user_name=user_name,
+        iterator=(),
+        task_size=1,
+        results_path=Path(results_path) if results_path is not None else None,
+        parallel_func="parallel_func",
+        stop_func=None,
+        only_if_func=None,
+        modules=(),
+        options={},
+        local_workers=None,
+    )
+    cls = type("Attached", (ProjectHandle,), {"_spec": spec, "user_class": _Attached})
+    return cls.attach(project_id)
 
 
-def _pickle_items(items: list[Any]) -> bytes:
-    for item in items:
-        try:
-            hash(item)
-        except TypeError:
-            raise UnhashableItemError(
-                f"item {item!r:.200} is not hashable, so it cannot be a key of the results; "
-                "yield tuples or frozensets instead of lists or sets"
-            ) from None
-    try:
-        return cloudpickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise SerializationError(f"an item cannot be pickled: {exc}") from exc
-
-
-def _unpickle(payload: bytes, what: str) -> list[tuple[Any, Any]]:
-    try:
-        return cloudpickle.loads(payload)
-    except Exception as exc:
-        raise SerializationError(f"{what} cannot be unpickled here: {exc}") from exc
+class _Attached:
+    """Stands in for the project class of a project attached to by id."""

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from .client import on_shutdown
 from .runner import default_slots
@@ -26,7 +24,6 @@ class LocalCluster:
     server: Server
     worker: Worker
     worker_task: asyncio.Task[None]
-    state: tempfile.TemporaryDirectory[str]
 
     async def stop(self) -> None:
         self.worker.stop()
@@ -35,7 +32,6 @@ class LocalCluster:
         except (TimeoutError, Exception):
             self.worker_task.cancel()
         await self.server.stop()
-        self.state.cleanup()
 
 
 _cluster: LocalCluster | None = None
@@ -50,9 +46,9 @@ async def local_cluster(slots: int | None = None) -> LocalCluster:
     async with _lock:
         if _cluster is not None:
             return _cluster
-        state = tempfile.TemporaryDirectory(prefix="dcproto-local-")
         secret = secrets.token_urlsafe(24)
-        server = Server(secret=secret, state_dir=Path(state.name))
+        # in memory: the embedded server lives and dies with this process
+        server = Server(secret=secret, state_dir=None)
         host, port = await server.start("127.0.0.1", 0)
         worker = Worker(
             WorkerConfig(
@@ -64,7 +60,7 @@ async def local_cluster(slots: int | None = None) -> LocalCluster:
             )
         )
         task = asyncio.create_task(worker.run())
-        _cluster = LocalCluster(host, port, secret, server, worker, task, state)
+        _cluster = LocalCluster(host, port, secret, server, worker, task)
         on_shutdown(_stop)
         return _cluster
 

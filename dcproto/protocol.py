@@ -276,11 +276,13 @@ class End(Message):
 
 @_msg
 class More(Message):
-    """Server -> creator: send up to ``credit`` more tasks (back-pressure)."""
+    """Server -> creator: send up to ``credit`` more tasks (back-pressure). ``stored`` counts
+    the project's tasks on disk (seqs ``0 .. stored-1``); the creator may forget those."""
 
     TYPE = 24
     project_id: str
     credit: int
+    stored: int
 
 
 @_msg
@@ -334,6 +336,60 @@ class Notice(Message):
     text: str
 
 
+@_msg
+class Attach(Message):
+    """Creator -> server: re-attach to a project (after a reconnect, or from another process).
+    The server answers with :class:`Attached`, then replays every stored result as TaskDone
+    (a creator drops seqs it already has) and, if the project has ended, Finished."""
+
+    TYPE = 29
+    ref: int
+    project_id: str
+
+
+@_msg
+class Attached(Message):
+    """Server -> creator: the state of an attached project. ``status`` is ``running``, a
+    Finished status, or ``unknown``. ``stored``/``items_stored`` count the tasks and items
+    on disk: a creator still feeding resumes at seq ``stored``; ``ended`` tells whether End
+    was stored."""
+
+    TYPE = 30
+    ref: int
+    project_id: str
+    status: str
+    stored: int
+    items_stored: int
+    ended: bool
+    credit: int
+
+
+@_msg
+class Release(Message):
+    """Creator -> server: the creator keeps the results now; the server may drop its copy."""
+
+    TYPE = 31
+    project_id: str
+
+
+@_msg
+class ListProjects(Message):
+    """Creator -> server: which projects the server knows."""
+
+    TYPE = 32
+    ref: int
+
+
+@_msg
+class ProjectList(Message):
+    """Server -> creator: one map per project (``project_id``, ``name``, ``status``, times,
+    counts; ignore unknown keys)."""
+
+    TYPE = 33
+    ref: int
+    projects: list[Any]
+
+
 def _check_max_frame(max_frame: int) -> None:
     if max_frame < MIN_MAX_FRAME:
         raise ValueError(f"max_frame must be at least {MIN_MAX_FRAME}")
@@ -372,6 +428,11 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Finished,
     Cancel,
     Notice,
+    Attach,
+    Attached,
+    Release,
+    ListProjects,
+    ProjectList,
 )
 BY_TYPE: dict[int, type[Message]] = {cls.TYPE: cls for cls in MESSAGE_TYPES}
 
@@ -380,6 +441,7 @@ _NONE = type(None)
 # by an exact type check below, because msgpack keeps them apart and so do we.
 _ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
+    "bool": (bool,),
     "float": (float, int),
     "str": (str,),
     "bytes": (bytes,),
@@ -560,9 +622,13 @@ class State(enum.Enum):
 
 _ALWAYS = frozenset({Error, Goodbye, Heartbeat})
 _WORKER_TO_SERVER = frozenset({Credit, Reject, Result}) | _ALWAYS
-_CREATOR_TO_SERVER = frozenset({Submit, Tasks, End, Cancel}) | _ALWAYS
+_CREATOR_TO_SERVER = (
+    frozenset({Submit, Tasks, End, Cancel, Attach, Release, ListProjects}) | _ALWAYS
+)
 _SERVER_TO_WORKER = frozenset({Project, Task, Abandon}) | _ALWAYS
-_SERVER_TO_CREATOR = frozenset({Accepted, More, TaskDone, Finished, Notice}) | _ALWAYS
+_SERVER_TO_CREATOR = (
+    frozenset({Accepted, More, TaskDone, Finished, Notice, Attached, ProjectList}) | _ALWAYS
+)
 
 #: (our side, peer role or None before the handshake, state) -> messages we may receive.
 RECEIVE_TABLE: dict[tuple[str, str | None, State], frozenset[type[Message]]] = {

@@ -102,14 +102,25 @@ class AbandonTasks:
 
 
 @dataclass(frozen=True, slots=True)
-class ToCreator:
-    """A message for the creator connection ``creator_id`` (TaskDone, More, Notice, Finished)."""
+class StoreTasks:
+    """Tasks the creator sent, to be made durable: (task_id, seq, items, n_items)."""
 
-    creator_id: str
+    project_id: str
+    tasks: list[tuple[int, int, bytes, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class ToCreator:
+    """A message for the creator connection ``creator_id`` (TaskDone, More, Notice, Finished).
+
+    ``creator_id`` is None while the project has no creator attached; the server still keeps
+    what must be durable (TaskDone, Finished) and drops the rest."""
+
+    creator_id: str | None
     message: p.Message
 
 
-Action = SendProject | SendTask | AbandonTasks | ToCreator
+Action = SendProject | SendTask | AbandonTasks | StoreTasks | ToCreator
 
 
 # ---- records ---------------------------------------------------------------------------------
@@ -133,7 +144,7 @@ class TaskRecord:
 @dataclass(slots=True, eq=False)
 class ProjectRecord:
     project_id: str
-    creator_id: str
+    creator_id: str | None
     name: str
     message: p.Project  # what each worker is sent before its first task
     options: dict[str, Any]
@@ -144,7 +155,8 @@ class ProjectRecord:
     leased: set[int] = field(default_factory=set)
     credit_outstanding: int = 0  # tasks the creator may still send without asking
     total_tasks: int | None = None  # known once the creator sent End
-    tasks_received: int = 0
+    tasks_received: int = 0  # also the next seq expected: tasks arrive in seq order
+    items_received: int = 0
     tasks_done: int = 0
     items_done: int = 0
     items_kept: int = 0
@@ -317,26 +329,13 @@ class Scheduler:
 
     def submit(
         self,
-        creator_id: str,
+        creator_id: str | None,
         project_id: str,
         submit: p.Submit,
         now: float,
     ) -> list[Action]:
         """Register a project; the creator is granted its first credit. Raises ValueError."""
-        if project_id in self.projects:
-            raise ValueError(f"project {project_id} exists")
-        options = normalize_options(submit.options)
-        message = p.Project(
-            project_id=project_id,
-            code=submit.code,
-            modules=list(submit.modules),
-            parallel=submit.parallel,
-            stop=submit.stop,
-            only_if=submit.only_if,
-            options=options,
-        )
-        project = ProjectRecord(project_id, creator_id, submit.name, message, options, now)
-        self.projects[project_id] = project
+        project = self._register(creator_id, project_id, submit, now)
         project.credit_outstanding = self._window()
         self._actions.append(
             ToCreator(
@@ -353,18 +352,45 @@ class Scheduler:
             )
         return self._flush(now)
 
+    def _register(
+        self, creator_id: str | None, project_id: str, submit: p.Submit, now: float
+    ) -> ProjectRecord:
+        if project_id in self.projects:
+            raise ValueError(f"project {project_id} exists")
+        options = normalize_options(submit.options)
+        message = p.Project(
+            project_id=project_id,
+            code=submit.code,
+            modules=list(submit.modules),
+            parallel=submit.parallel,
+            stop=submit.stop,
+            only_if=submit.only_if,
+            options=options,
+        )
+        project = ProjectRecord(project_id, creator_id, submit.name, message, options, now)
+        self.projects[project_id] = project
+        return project
+
     def add_tasks(self, creator_id: str, message: p.Tasks, now: float) -> list[Action]:
         project = self._own_project(creator_id, message.project_id)
         if project is None or project.status != "running":
             return self._flush(now)  # tasks racing a stop or cancel are simply dropped
-        if not project.queue and not project.retries and message.tasks:
-            self._active.append(project.project_id)
+        stored: list[tuple[int, int, bytes, int]] = []
+        had_queued = project.has_queued()
         for seq, items, n_items in message.tasks:
+            if seq != project.tasks_received:
+                continue  # a resend of a task already stored (or a gap): not taken twice
             task = TaskRecord(self._next_task_id, project.project_id, seq, items, n_items)
             self._next_task_id += 1
             self.tasks[task.task_id] = task
             project.queue.append(task.task_id)
-        project.tasks_received += len(message.tasks)
+            project.tasks_received += 1
+            project.items_received += n_items
+            stored.append((task.task_id, seq, items, n_items))
+        if stored:
+            self._actions.append(StoreTasks(project.project_id, stored))
+            if not had_queued:
+                self._active.append(project.project_id)
         project.credit_outstanding = max(0, project.credit_outstanding - len(message.tasks))
         self._check_runnable(project, now)
         return self._flush(now)
@@ -385,13 +411,73 @@ class Scheduler:
         return self._flush(now)
 
     def remove_creator(self, creator_id: str, now: float) -> list[Action]:
-        """The creator's connection closed: its running projects are cancelled."""
-        for project in list(self.projects.values()):
-            if project.creator_id == creator_id and project.status == "running":
-                self._finish(project, "cancelled", now, tell_creator=False)
-        for project_id in [k for k, v in self.projects.items() if v.creator_id == creator_id]:
-            self._forget(project_id)
+        """The creator's connection closed: its projects go on without it, results are kept,
+        and it (or another creator) may attach again."""
+        for project in self.projects.values():
+            if project.creator_id == creator_id:
+                project.creator_id = None
+                project.credit_outstanding = 0
         return self._flush(now)
+
+    def attach(self, creator_id: str, ref: int, project_id: str, now: float) -> list[Action]:
+        """Bind a running project to ``creator_id``; answers Attached with fresh credit.
+        Returns [] for a project the scheduler does not hold (finished or unknown)."""
+        project = self.projects.get(project_id)
+        if project is None or project.status != "running":
+            return []
+        project.creator_id = creator_id
+        ended = project.total_tasks is not None
+        pending = len(project.queue) + len(project.retries)
+        project.credit_outstanding = 0 if ended else max(0, self._window() - pending)
+        self._actions.append(
+            ToCreator(
+                creator_id,
+                p.Attached(
+                    ref=ref,
+                    project_id=project_id,
+                    status="running",
+                    stored=project.tasks_received,
+                    items_stored=project.items_received,
+                    ended=ended,
+                    credit=project.credit_outstanding,
+                ),
+            )
+        )
+        return self._flush(now)
+
+    def restore(
+        self,
+        project_id: str,
+        submit: p.Submit,
+        *,
+        submitted_at: float,
+        tasks: list[tuple[int, int, bytes, int]],
+        tasks_received: int,
+        items_received: int,
+        total_tasks: int | None,
+        done: tuple[int, int, int],
+        now: float,
+    ) -> list[Action]:
+        """Take back a running project from durable state after a restart, with no creator
+        attached. ``tasks`` are its unfinished (task_id, seq, items, n_items); ``done`` the
+        (tasks, items, kept) counts of its stored results."""
+        project = self._register(None, project_id, submit, submitted_at)
+        project.tasks_received = tasks_received
+        project.items_received = items_received
+        project.total_tasks = total_tasks
+        project.tasks_done, project.items_done, project.items_kept = done
+        for task_id, seq, items, n_items in tasks:
+            self.tasks[task_id] = TaskRecord(task_id, project_id, seq, items, n_items)
+            project.queue.append(task_id)
+            self._next_task_id = max(self._next_task_id, task_id + 1)
+        if project.has_queued():
+            self._active.append(project_id)
+        self._maybe_done(project, now)
+        return self._flush(now)
+
+    def reserve_task_ids(self, after: int) -> None:
+        """Never hand out a task id at or below ``after`` (ids stored before a restart)."""
+        self._next_task_id = max(self._next_task_id, after + 1)
 
     def forget_project(self, project_id: str) -> None:
         """Drop a finished project's record (its results were delivered)."""
@@ -437,7 +523,7 @@ class Scheduler:
 
     # ---- internals ---------------------------------------------------------------------------
 
-    def _own_project(self, creator_id: str, project_id: str) -> ProjectRecord | None:
+    def _own_project(self, creator_id: str | None, project_id: str) -> ProjectRecord | None:
         project = self.projects.get(project_id)
         if project is None or project.creator_id != creator_id:
             return None
@@ -544,7 +630,6 @@ class Scheduler:
         *,
         error: dict[str, Any] | None = None,
         stop: list[Any] | None = None,
-        tell_creator: bool = True,
     ) -> None:
         project.status = status
         project.finished_at = now
@@ -562,19 +647,18 @@ class Scheduler:
         project.leased.clear()
         project.queue.clear()
         project.retries.clear()
-        if tell_creator:
-            self._actions.append(
-                ToCreator(
-                    project.creator_id,
-                    p.Finished(
-                        project_id=project.project_id,
-                        status=status,
-                        error=error,
-                        stop=stop,
-                        stats=self.project_stats(project),
-                    ),
-                )
+        self._actions.append(
+            ToCreator(
+                project.creator_id,
+                p.Finished(
+                    project_id=project.project_id,
+                    status=status,
+                    error=error,
+                    stop=stop,
+                    stats=self.project_stats(project),
+                ),
             )
+        )
 
     def _forget(self, project_id: str) -> None:
         self.projects.pop(project_id, None)
@@ -622,7 +706,11 @@ class Scheduler:
         """Top up each running project's creator credit to the window, in batches."""
         window = self._window()
         for project in self.projects.values():
-            if project.status != "running" or project.total_tasks is not None:
+            if (
+                project.status != "running"
+                or project.total_tasks is not None
+                or project.creator_id is None
+            ):
                 continue
             pending = len(project.queue) + len(project.retries) + project.credit_outstanding
             want = window - pending
@@ -630,7 +718,12 @@ class Scheduler:
                 project.credit_outstanding += want
                 self._actions.append(
                     ToCreator(
-                        project.creator_id, p.More(project_id=project.project_id, credit=want)
+                        project.creator_id,
+                        p.More(
+                            project_id=project.project_id,
+                            credit=want,
+                            stored=project.tasks_received,
+                        ),
                     )
                 )
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import protocol as p
 from . import scheduler as s
 from .errors import LocalProtocolError
-from .store import Store, default_state_dir, load_or_create_secret
+from .store import StateError, Store, default_state_dir, load_or_create_secret
 
 log = logging.getLogger("dcproto.server")
 
@@ -34,6 +34,8 @@ DEFAULT_HEARTBEAT = 5.0
 SILENCE_FACTOR = 3  # a peer silent for this many heartbeat intervals is considered gone
 HANDSHAKE_TIMEOUT = 10.0
 MAX_WRITE_BUFFER = 256 * 1024 * 1024  # a peer that stops reading is cut off past this
+DEFAULT_KEEP_FINISHED = 7 * 24 * 3600.0  # seconds a finished project's record is kept
+PRUNE_INTERVAL = 3600.0
 
 
 class ServerConnection(asyncio.Protocol):
@@ -115,16 +117,21 @@ class Server:
         self,
         *,
         secret: str,
-        state_dir: Path,
+        state_dir: Path | None,
         heartbeat: float = DEFAULT_HEARTBEAT,
         max_frame: int = p.DEFAULT_MAX_FRAME,
+        keep_finished: float = DEFAULT_KEEP_FINISHED,
     ) -> None:
+        """``state_dir=None`` keeps state in memory only (the embedded default)."""
         self.secret = secret
         self.state_dir = state_dir
         self.heartbeat = heartbeat
         self.max_frame = max_frame
+        self.keep_finished = keep_finished
         self.scheduler = s.Scheduler()
         self.store = Store(state_dir)
+        self._store_failing = False
+        self._last_prune = float("-inf")
         self.connections: dict[str, ServerConnection] = {}
         self.workers: dict[str, ServerConnection] = {}
         self.creators: dict[str, ServerConnection] = {}
@@ -140,6 +147,7 @@ class Server:
 
     async def start(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
+        self._restore()
         self._server = await loop.create_server(lambda: ServerConnection(self), host, port)
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
@@ -160,7 +168,8 @@ class Server:
             if conn.transport is not None:
                 conn.transport.close()
         await asyncio.sleep(0)
-        self.store.close()
+        with contextlib.suppress(StateError):
+            self.store.close()
 
     # coalesced writes --------------------------------------------------------------------------
 
@@ -171,10 +180,60 @@ class Server:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Once per loop turn: commit the state, then send what reflects it."""
         self._flush_scheduled = False
+        self._commit()
         dirty, self._dirty = self._dirty, {}
         for conn in dirty.values():
             conn.flush()
+
+    def _commit(self) -> None:
+        try:
+            self.store.commit()
+        except StateError as exc:
+            # Keep serving from memory: projects still finish; the queued writes are retried
+            # on every turn until the disk takes them again.
+            if not self._store_failing:
+                log.error("%s; serving from memory until the disk recovers", exc)
+            self._store_failing = True
+        else:
+            if self._store_failing:
+                log.warning("the state database is writable again")
+            self._store_failing = False
+
+    def _restore(self) -> None:
+        """Take back the running projects of an earlier run from durable state."""
+        now = time.monotonic()
+        self.scheduler.reserve_task_ids(self.store.max_task_id())
+        for stored in self.store.running_projects():
+            spec = stored.spec
+            submit = p.Submit(
+                ref=0,
+                name=stored.name,
+                code=stored.code,
+                modules=list(spec.get("modules", [])),
+                parallel=spec.get("parallel", "parallel_func"),
+                stop=spec.get("stop"),
+                only_if=spec.get("only_if"),
+                options=dict(spec.get("options", {})),
+            )
+            tasks = list(self.store.open_tasks(stored.project_id))
+            actions = self.scheduler.restore(
+                stored.project_id,
+                submit,
+                submitted_at=now - (time.time() - stored.submitted_at),
+                tasks=tasks,
+                tasks_received=stored.tasks_received,
+                items_received=stored.items_received,
+                total_tasks=stored.total_tasks,
+                done=self.store.done_counts(stored.project_id),
+                now=now,
+            )
+            self._run(actions)
+            log.info(
+                "resumed project %s (%s): %d tasks open", stored.project_id, stored.name, len(tasks)
+            )
+        self._commit()
 
     # events ------------------------------------------------------------------------------------
 
@@ -201,7 +260,22 @@ class Server:
             case p.Tasks():
                 self._run(self.scheduler.add_tasks(conn.conn_id, message, now))
             case p.End():
-                self._run(self.scheduler.end_tasks(conn.conn_id, message, now))
+                actions = self.scheduler.end_tasks(conn.conn_id, message, now)
+                project = self.scheduler.projects.get(message.project_id)
+                if project is not None and project.total_tasks == message.total_tasks:
+                    self.store.tasks_ended(
+                        message.project_id, message.total_tasks, message.total_items
+                    )
+                self._run(actions)
+            case p.Attach():
+                self._attach(conn, message, now)
+            case p.Release():
+                stored = self.store.project(message.project_id)
+                if stored is not None and stored.status != "running":
+                    self.store.project_released(message.project_id)
+            case p.ListProjects():
+                self._commit()
+                conn.send(p.ProjectList(ref=message.ref, projects=self.store.projects()))
             case p.Cancel():
                 self._run(self.scheduler.cancel(conn.conn_id, message.project_id, now))
             case p.Goodbye() | p.Error():
@@ -253,9 +327,71 @@ class Server:
                 )
             )
             return
-        self.store.project_submitted(project_id, submit.name, conn.device_id or "")
+        spec = {
+            "modules": submit.modules,
+            "parallel": submit.parallel,
+            "stop": submit.stop,
+            "only_if": submit.only_if,
+            "options": self.scheduler.projects[project_id].options,
+        }
+        self.store.project_submitted(
+            project_id, submit.name, conn.device_id or "", submit.code, spec
+        )
         log.info("project %s (%s) submitted by %s", project_id, submit.name, conn.name)
         self._run(actions)
+
+    def _attach(self, conn: ServerConnection, attach: p.Attach, now: float) -> None:
+        """Re-attach a creator: the project's state, then every stored result, then Finished
+        if it has ended. The creator drops seqs it already has."""
+        self._commit()  # so that the replay below reads every result accepted so far
+        project_id = attach.project_id
+        actions = self.scheduler.attach(conn.conn_id, attach.ref, project_id, now)
+        stored = self.store.project(project_id)
+        if actions:
+            self._run(actions)
+            self._replay(conn, project_id, None)
+            return
+        if stored is None or stored.status == "running":
+            conn.send(
+                p.Attached(
+                    ref=attach.ref,
+                    project_id=project_id,
+                    status="unknown",
+                    stored=0,
+                    items_stored=0,
+                    ended=False,
+                    credit=0,
+                )
+            )
+            return
+        conn.send(
+            p.Attached(
+                ref=attach.ref,
+                project_id=project_id,
+                status="released" if stored.released else stored.status,
+                stored=stored.tasks_received,
+                items_stored=stored.items_received,
+                ended=True,
+                credit=0,
+            )
+        )
+        outcome = stored.outcome or {}
+        finished = p.Finished(
+            project_id=project_id,
+            status=stored.status,
+            error=outcome.get("error"),
+            stop=outcome.get("stop"),
+            stats=outcome.get("stats", {}),
+        )
+        self._replay(conn, project_id, finished)
+
+    def _replay(self, conn: ServerConnection, project_id: str, last: p.Message | None) -> None:
+        """Send a project's stored results, then ``last``, in this turn: nothing live (a new
+        result, or Finished) can overtake them. The creator drops seqs it already has."""
+        for message in self.store.results(project_id):
+            conn.send(p.TaskDone(project_id=project_id, **message))
+        if last is not None:
+            conn.send(last)
 
     def lost(self, conn: ServerConnection) -> None:
         self.connections.pop(conn.conn_id, None)
@@ -278,8 +414,23 @@ class Server:
                     conn = self.workers.get(worker_id)
                     if conn is not None:
                         conn.send(p.Abandon(task_ids=task_ids))
+                case s.StoreTasks(project_id, tasks):
+                    self.store.tasks_added(project_id, tasks)
                 case s.ToCreator(creator_id, message):
-                    conn = self.creators.get(creator_id)
+                    if isinstance(message, p.TaskDone):
+                        self.store.task_done(
+                            message.project_id,
+                            message.seq,
+                            {
+                                "seq": message.seq,
+                                "payload": message.payload,
+                                "n_items": message.n_items,
+                                "n_kept": message.n_kept,
+                                "files": message.files,
+                                "stats": message.stats,
+                            },
+                        )
+                    conn = self.creators.get(creator_id or "")
                     if conn is not None:
                         conn.send(message)
                     if isinstance(message, p.Finished):
@@ -288,8 +439,11 @@ class Server:
 
     def _finished(self, message: p.Finished) -> None:
         log.info("project %s %s", message.project_id, message.status)
-        with contextlib.suppress(Exception):
-            self.store.project_finished(message.project_id, message.status, message.stats)
+        self.store.project_finished(
+            message.project_id,
+            message.status,
+            {"error": message.error, "stop": message.stop, "stats": message.stats},
+        )
         self.scheduler.forget_project(message.project_id)
 
     # timers ------------------------------------------------------------------------------------
@@ -300,6 +454,9 @@ class Server:
             now = time.monotonic()
             self._run(self.scheduler.tick(now))
             self._check_liveness(now)
+            if now - self._last_prune > PRUNE_INTERVAL:
+                self._last_prune = now
+                self.store.prune(self.keep_finished)
             self._wake.clear()
             wait = self.heartbeat / 2
             deadline = self.scheduler.next_deadline()
@@ -363,14 +520,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_HEARTBEAT,
         help="seconds between heartbeats on idle connections",
     )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="keep state in memory only: nothing survives a restart (for tests and benchmarks)",
+    )
+    parser.add_argument(
+        "--keep-finished",
+        type=float,
+        default=DEFAULT_KEEP_FINISHED,
+        help="seconds a finished project's record and unfetched results are kept (default 7 days)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return parser
 
 
 async def serve(args: argparse.Namespace) -> int:
     state_dir: Path = args.state_dir or default_state_dir()
-    secret = args.secret or os.environ.get(SECRET_ENV) or load_or_create_secret(state_dir)
-    server = Server(secret=secret, state_dir=state_dir, heartbeat=args.heartbeat)
+    try:
+        secret = args.secret or os.environ.get(SECRET_ENV) or load_or_create_secret(state_dir)
+        server = Server(
+            secret=secret,
+            state_dir=None if args.memory else state_dir,
+            heartbeat=args.heartbeat,
+            keep_finished=args.keep_finished,
+        )
+    except StateError as exc:
+        print(f"dcproto-server: {exc}", file=sys.stderr)
+        return 2
     try:
         host, port = await server.start(args.host, args.port)
     except OSError as exc:

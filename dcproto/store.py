@@ -1,4 +1,10 @@
-"""Durable server state in SQLite (WAL mode): the secret, registered devices, project history."""
+"""Durable server state in SQLite (WAL mode): the secret, devices, projects, tasks and results.
+
+Writes are queued and committed together by :meth:`Store.commit`, which the server calls once
+per event-loop turn *before* it sends anything out: nothing leaves the server before the state
+it reflects is on disk, and a burst of events costs one transaction. A kill -9 loses at most
+the current turn's work, none of which anyone was told about.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +13,73 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import platformdirs
 
-SCHEMA_VERSION = 1
-SECRET_FILE = "secret"
+from .errors import DcprotoError
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    role TEXT NOT NULL,
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS projects (
-    project_id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    creator_device TEXT NOT NULL,
-    submitted_at REAL NOT NULL,
-    finished_at REAL,
-    status TEXT NOT NULL,
-    stats TEXT
-);
-"""
+SECRET_FILE = "secret"
+MAX_PENDING_WRITES = 1_000_000  # writes held in memory while the disk refuses them
+DB_FILE = "state.sqlite3"
+
+# Each entry upgrades the schema by one version; the index + 1 is the version it produces.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL
+    );
+    CREATE TABLE projects (
+        project_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        creator_device TEXT NOT NULL,
+        submitted_at REAL NOT NULL,
+        finished_at REAL,
+        status TEXT NOT NULL,
+        stats TEXT
+    );
+    """,
+    """
+    ALTER TABLE projects ADD COLUMN code BLOB;
+    ALTER TABLE projects ADD COLUMN spec BLOB;
+    ALTER TABLE projects ADD COLUMN total_tasks INTEGER;
+    ALTER TABLE projects ADD COLUMN total_items INTEGER;
+    ALTER TABLE projects ADD COLUMN tasks_received INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE projects ADD COLUMN items_received INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE projects ADD COLUMN outcome BLOB;
+    ALTER TABLE projects ADD COLUMN released INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE tasks (
+        task_id INTEGER PRIMARY KEY,
+        project_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        items BLOB,
+        n_items INTEGER NOT NULL,
+        done INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX tasks_by_project ON tasks(project_id, done);
+    CREATE UNIQUE INDEX tasks_by_seq ON tasks(project_id, seq);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    CREATE TABLE results (
+        project_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        message BLOB NOT NULL,
+        PRIMARY KEY (project_id, seq)
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StateError(DcprotoError):
+    """The state directory or database cannot be used."""
 
 
 def default_state_dir() -> Path:
@@ -48,11 +95,14 @@ def load_or_create_secret(state_dir: Path) -> str:
             return text
     except FileNotFoundError:
         pass
-    state_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(secret + "\n")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(secret + "\n")
+    except OSError as exc:
+        raise StateError(f"cannot keep the secret in {state_dir}: {exc}") from exc
     return secret
 
 
@@ -64,25 +114,101 @@ def read_secret(state_dir: Path) -> str | None:
         return None
 
 
-class Store:
-    """Owns one SQLite database. Calls are short and synchronous; the server batches them."""
+@dataclass(frozen=True, slots=True)
+class StoredProject:
+    project_id: str
+    name: str
+    status: str
+    submitted_at: float
+    finished_at: float | None
+    code: bytes
+    spec: dict[str, Any]  # modules, parallel, stop, only_if, options
+    total_tasks: int | None
+    total_items: int | None
+    tasks_received: int
+    items_received: int
+    outcome: dict[str, Any] | None  # Finished fields once finished: error, stop, stats
+    released: bool
 
-    def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = state_dir / "state.sqlite3"
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(blob: bytes | None) -> Any:
+    return None if blob is None else msgpack.unpackb(blob, raw=False)
+
+
+class Store:
+    """One SQLite database. ``state_dir=None`` keeps it in memory (no durability)."""
+
+    def __init__(self, state_dir: Path | None) -> None:
+        try:
+            if state_dir is None:
+                target = ":memory:"
+            else:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                target = str(state_dir / DB_FILE)
+            self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL: a commit survives a process crash; only power loss can undo the last ones
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open the state database in {state_dir}: {exc}") from exc
+        except OSError as exc:
+            raise StateError(f"cannot use the state dir {state_dir}: {exc}") from exc
+        self.path = target
+        self._pending: list[tuple[str, Any]] = []
+        self.failed: str | None = None  # why the last commit failed, while it keeps failing
+        self.lost_writes = 0  # writes given up after the disk failed for too long
+
+    def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} has schema version {version}; this dcproto knows {SCHEMA_VERSION}"
+            raise StateError(
+                f"the state database has schema version {version}, newer than this dcproto "
+                f"({SCHEMA_VERSION}); upgrade dcproto"
             )
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        for number in range(version, SCHEMA_VERSION):
+            self._db.executescript(
+                "BEGIN;" + MIGRATIONS[number] + f"PRAGMA user_version={number + 1}; COMMIT;"
+            )
 
     def close(self) -> None:
+        self.commit()
         self._db.close()
+
+    # ---- batched writes ------------------------------------------------------------------------
+
+    def _queue(self, sql: str, params: Any) -> None:
+        self._pending.append((sql, params))
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def commit(self) -> None:
+        """Write everything queued in one transaction. Raises StateError if the disk fails."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        try:
+            self._db.execute("BEGIN")
+            for sql, params in _grouped(pending):
+                self._db.executemany(sql, params)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self.failed = str(exc)
+            if len(pending) + len(self._pending) <= MAX_PENDING_WRITES:
+                self._pending = pending + self._pending  # retried by the next commit
+            else:
+                self.lost_writes += len(pending)
+            raise StateError(f"cannot write the server state: {exc}") from exc
+        self.failed = None
+
+    # ---- devices -------------------------------------------------------------------------------
 
     def known_device(self, device_id: str) -> bool:
         row = self._db.execute("SELECT 1 FROM devices WHERE device_id=?", (device_id,)).fetchone()
@@ -90,30 +216,181 @@ class Store:
 
     def device_seen(self, device_id: str, name: str, role: str) -> None:
         now = time.time()
-        self._db.execute(
+        self._queue(
             "INSERT INTO devices(device_id, name, role, first_seen, last_seen) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
             "name=excluded.name, last_seen=excluded.last_seen",
             (device_id, name, role, now, now),
         )
 
-    def project_submitted(self, project_id: str, name: str, creator_device: str) -> None:
-        self._db.execute(
-            "INSERT INTO projects(project_id, name, creator_device, submitted_at, status) "
-            "VALUES (?, ?, ?, ?, 'running')",
-            (project_id, name, creator_device, time.time()),
+    # ---- projects ------------------------------------------------------------------------------
+
+    def project_submitted(
+        self, project_id: str, name: str, creator_device: str, code: bytes, spec: dict[str, Any]
+    ) -> None:
+        self._queue(
+            "INSERT INTO projects(project_id, name, creator_device, submitted_at, status, code, "
+            "spec) VALUES (?, ?, ?, ?, 'running', ?, ?)",
+            (project_id, name, creator_device, time.time(), code, _pack(spec)),
         )
 
-    def project_finished(self, project_id: str, status: str, stats: dict[str, Any]) -> None:
-        self._db.execute(
-            "UPDATE projects SET status=?, finished_at=?, stats=? WHERE project_id=?",
-            (status, time.time(), json.dumps(stats), project_id),
+    def tasks_added(self, project_id: str, tasks: list[tuple[int, int, bytes, int]]) -> None:
+        """``tasks``: (task_id, seq, items, n_items) in seq order."""
+        for task in tasks:
+            self._queue(
+                "INSERT INTO tasks(task_id, project_id, seq, items, n_items) VALUES (?,?,?,?,?)",
+                (task[0], project_id, task[1], task[2], task[3]),
+            )
+        self._queue(
+            "UPDATE projects SET tasks_received=tasks_received+?, items_received=items_received+? "
+            "WHERE project_id=?",
+            (len(tasks), sum(t[3] for t in tasks), project_id),
         )
+        # task ids are never reused, even after their project is pruned: a worker may still
+        # deliver a result for an old id after a restart
+        self._queue(
+            "INSERT INTO meta(key, value) VALUES ('max_task_id', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value=max(value, excluded.value)",
+            (max(t[0] for t in tasks),),
+        )
+
+    def tasks_ended(self, project_id: str, total_tasks: int, total_items: int) -> None:
+        self._queue(
+            "UPDATE projects SET total_tasks=?, total_items=? WHERE project_id=?",
+            (total_tasks, total_items, project_id),
+        )
+
+    def task_done(self, project_id: str, seq: int, message: dict[str, Any]) -> None:
+        """A task's accepted result (the TaskDone fields), kept until the creator releases it."""
+        self._queue(
+            "UPDATE tasks SET done=1, items=NULL WHERE project_id=? AND seq=?", (project_id, seq)
+        )
+        self._queue(
+            "INSERT OR IGNORE INTO results(project_id, seq, message) VALUES (?, ?, ?)",
+            (project_id, seq, _pack(message)),
+        )
+
+    def project_finished(self, project_id: str, status: str, outcome: dict[str, Any]) -> None:
+        self._queue(
+            "UPDATE projects SET status=?, finished_at=?, stats=?, outcome=? WHERE project_id=?",
+            (
+                status,
+                time.time(),
+                json.dumps(outcome.get("stats", {})),
+                _pack(outcome),
+                project_id,
+            ),
+        )
+        self._queue("DELETE FROM tasks WHERE project_id=?", (project_id,))
+
+    def project_released(self, project_id: str) -> None:
+        """The creator has every result: they need not be kept any longer."""
+        self._queue("UPDATE projects SET released=1 WHERE project_id=?", (project_id,))
+        self._queue("DELETE FROM results WHERE project_id=?", (project_id,))
+
+    def prune(self, keep_finished: float, now: float | None = None) -> None:
+        """Forget projects finished more than ``keep_finished`` seconds ago."""
+        cutoff = (time.time() if now is None else now) - keep_finished
+        old = [
+            row[0]
+            for row in self._db.execute(
+                "SELECT project_id FROM projects WHERE status != 'running' AND finished_at < ?",
+                (cutoff,),
+            )
+        ]
+        for project_id in old:
+            self._queue("DELETE FROM results WHERE project_id=?", (project_id,))
+            self._queue("DELETE FROM tasks WHERE project_id=?", (project_id,))
+            self._queue("DELETE FROM projects WHERE project_id=?", (project_id,))
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    def project(self, project_id: str) -> StoredProject | None:
+        row = self._db.execute(_PROJECT_SELECT + " WHERE project_id=?", (project_id,)).fetchone()
+        return None if row is None else _project(row)
+
+    def running_projects(self) -> list[StoredProject]:
+        rows = self._db.execute(_PROJECT_SELECT + " WHERE status='running' ORDER BY submitted_at")
+        return [_project(row) for row in rows]
+
+    def open_tasks(self, project_id: str) -> Iterator[tuple[int, int, bytes, int]]:
+        yield from self._db.execute(
+            "SELECT task_id, seq, items, n_items FROM tasks WHERE project_id=? AND done=0 "
+            "ORDER BY seq",
+            (project_id,),
+        )
+
+    def done_counts(self, project_id: str) -> tuple[int, int, int]:
+        """(tasks, items, items kept) of the project's stored results."""
+        tasks = items = kept = 0
+        for message in self.results(project_id):
+            tasks += 1
+            items += message["n_items"]
+            kept += message["n_kept"]
+        return tasks, items, kept
+
+    def results(self, project_id: str) -> Iterator[dict[str, Any]]:
+        for (blob,) in self._db.execute(
+            "SELECT message FROM results WHERE project_id=? ORDER BY seq", (project_id,)
+        ):
+            yield _unpack(blob)
+
+    def max_task_id(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key='max_task_id'").fetchone()
+        return 0 if row is None else int(row[0])
 
     def projects(self) -> list[dict[str, Any]]:
         rows = self._db.execute(
-            "SELECT project_id, name, status, submitted_at, finished_at FROM projects "
-            "ORDER BY submitted_at"
+            "SELECT project_id, name, status, submitted_at, finished_at, total_tasks, "
+            "tasks_received, released FROM projects ORDER BY submitted_at"
         ).fetchall()
-        keys = ("project_id", "name", "status", "submitted_at", "finished_at")
+        keys = (
+            "project_id",
+            "name",
+            "status",
+            "submitted_at",
+            "finished_at",
+            "total_tasks",
+            "tasks_received",
+            "released",
+        )
         return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+_PROJECT_SELECT = (
+    "SELECT project_id, name, status, submitted_at, finished_at, code, spec, total_tasks, "
+    "total_items, tasks_received, items_received, outcome, released FROM projects"
+)
+
+
+def _project(row: tuple[Any, ...]) -> StoredProject:
+    return StoredProject(
+        project_id=row[0],
+        name=row[1],
+        status=row[2],
+        submitted_at=row[3],
+        finished_at=row[4],
+        code=row[5] or b"",
+        spec=_unpack(row[6]) or {},
+        total_tasks=row[7],
+        total_items=row[8],
+        tasks_received=row[9],
+        items_received=row[10],
+        outcome=_unpack(row[11]),
+        released=bool(row[12]),
+    )
+
+
+def _grouped(pending: list[tuple[str, Any]]) -> Iterator[tuple[str, list[Any]]]:
+    """Consecutive statements with the same SQL, as executemany batches (order kept)."""
+    sql: str | None = None
+    batch: list[Any] = []
+    for statement, params in pending:
+        if statement != sql and batch:
+            assert sql is not None
+            yield sql, batch
+            batch = []
+        sql = statement
+        batch.append(params)
+    if batch and sql is not None:
+        yield sql, batch

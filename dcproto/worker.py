@@ -13,23 +13,24 @@ import contextlib
 import importlib.util
 import logging
 import os
-import random
 import socket
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from . import protocol as p
+from .client import backoff_delays, open_session
 from .errors import AuthenticationFailed, ConnectionFailed, DcprotoError, UsageError
 from .runner import Outcome, Runner, default_slots
 
 log = logging.getLogger("dcproto.worker")
 
-CONNECT_TIMEOUT = 10.0
-BACKOFF_START = 0.2
-BACKOFF_CAP = 10.0
+BACKOFF_START = 0.1
+BACKOFF_CAP = 5.0
 MAX_CACHED_PROJECTS = 64
+MAX_OUTBOX = 10_000  # results kept for delivery while disconnected
+SILENCE_FACTOR = 3  # a server silent for this many heartbeat intervals is taken for gone
 
 
 @dataclass(kw_only=True)
@@ -73,7 +74,9 @@ class Worker:
         # keyed by (task_id, attempt): a re-sent task may overlap its abandoned attempt
         self._tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
-        self._open_credit = 0
+        self._unused_credit = 0  # granted this session, not yet used by a Task
+        self._outbox: deque[p.Result] = deque(maxlen=MAX_OUTBOX)
+        self._last_received = 0.0
         self._proto: p.Connection | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._last_sent = 0.0
@@ -89,24 +92,23 @@ class Worker:
     async def run(self) -> None:
         await self.runner.start()
         try:
-            backoff = BACKOFF_START
+            delays = backoff_delays(BACKOFF_START, BACKOFF_CAP)
             while not self._stopping.is_set() and not self.done:
                 try:
                     await self._session()
-                    backoff = BACKOFF_START
+                    delays = backoff_delays(BACKOFF_START, BACKOFF_CAP)  # it worked: start over
                 except AuthenticationFailed:
                     raise
-                except (ConnectionFailed, OSError) as exc:
+                except ConnectionFailed as exc:
                     if not self.config.reconnect:
-                        raise ConnectionFailed(str(exc)) from exc
-                    log.warning("connection to server lost: %s", exc)
+                        raise
+                    log.warning("%s", exc)
                 if self._stopping.is_set() or self.done:
                     break
-                delay = backoff * random.uniform(0.5, 1.5)
+                delay = next(delays)
                 log.info("reconnecting in %.1f s", delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
-                backoff = min(BACKOFF_CAP, backoff * 2)
         finally:
             await self._abandon_all()
             await self.runner.close()
@@ -115,47 +117,55 @@ class Worker:
 
     async def _session(self) -> None:
         cfg = self.config
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(cfg.host, cfg.port, limit=2**20), CONNECT_TIMEOUT
-            )
-        except (OSError, TimeoutError) as exc:
-            raise ConnectionFailed(f"cannot reach {cfg.host}:{cfg.port}: {exc}") from exc
-        proto = p.Connection("client", role="worker")
+        reader, writer, proto, welcome = await open_session(
+            cfg.host,
+            cfg.port,
+            role="worker",
+            secret=cfg.secret,
+            device_id=self.device_id,
+            name=self.name,
+            slots=self.slots,
+        )
+        self.device_id = welcome.device_id
+        self.heartbeat_interval = welcome.heartbeat_interval
+        log.info("connected to %s:%d as %s", cfg.host, cfg.port, self.device_id)
         self._proto, self._writer = proto, writer
-        heartbeat: asyncio.Task[None] | None = None
+        self._last_received = time.monotonic()
+        self._unused_credit = 0
+        heartbeat = asyncio.create_task(self._heartbeats(self.heartbeat_interval))
+        stop_wait = asyncio.create_task(self._stopping.wait())
         try:
-            await self._handshake(reader, proto)
-            heartbeat = asyncio.create_task(self._heartbeats(self.heartbeat_interval))
-            self._open_credit = 0
-            self._grant(self.slots + self.prefetch)
+            # results finished while we were away: the first result for a task wins
+            while self._outbox:
+                self._send(self._outbox.popleft())
+            self._top_up()
             self._flush()
-            stop_wait = asyncio.create_task(self._stopping.wait())
-            try:
-                while not self.done:
-                    read = asyncio.create_task(reader.read(2**20))
-                    finished, _ = await asyncio.wait(
-                        {read, stop_wait}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if stop_wait in finished:
-                        read.cancel()
-                        return
-                    data = read.result()
-                    if not data:
-                        raise ConnectionFailed("the server closed the connection")
-                    for message in proto.receive_data(data):
-                        self._handle(message)
-                    self._flush()
-                    if proto.state is p.State.CLOSED:
-                        if proto.error is not None:
-                            raise ConnectionFailed(f"protocol error: {proto.error}")
-                        raise ConnectionFailed("the server ended the session")
-            finally:
-                stop_wait.cancel()
+            while not self.done:
+                read = asyncio.create_task(reader.read(2**20))
+                finished, _ = await asyncio.wait(
+                    {read, stop_wait}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stop_wait in finished:
+                    read.cancel()
+                    return
+                data = read.result()
+                if not data:
+                    raise ConnectionFailed("the server closed the connection")
+                self._last_received = time.monotonic()
+                for message in proto.receive_data(data):
+                    self._handle(message)
+                self._flush()
+                if proto.state is p.State.CLOSED:
+                    if proto.error is not None:
+                        raise ConnectionFailed(f"protocol error: {proto.error}")
+                    raise ConnectionFailed("the server ended the session")
+        except OSError as exc:
+            raise ConnectionFailed(f"connection to the server lost: {exc}") from exc
         finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
-            await self._abandon_all()
+            stop_wait.cancel()
+            heartbeat.cancel()
+            if self._stopping.is_set():
+                await self._abandon_all()  # hand the running tasks back before leaving
             if proto.state is not p.State.CLOSED:
                 with contextlib.suppress(Exception):
                     proto.send(p.Goodbye(reason="worker leaving"))
@@ -165,57 +175,18 @@ class Worker:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _handshake(self, reader: asyncio.StreamReader, proto: p.Connection) -> None:
-        async def next_message() -> p.Message:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    raise ConnectionFailed("the server closed the connection during the handshake")
-                messages = proto.receive_data(data)
-                if proto.error is not None:
-                    self._flush()
-                    raise ConnectionFailed(f"protocol error in handshake: {proto.error}")
-                if messages:
-                    return messages[0]
-
-        async def steps() -> None:
-            challenge = await next_message()
-            if not isinstance(challenge, p.Challenge):
-                raise ConnectionFailed(f"server refused: {challenge}")
-            proto.send(
-                p.Hello(
-                    version=p.PROTOCOL_VERSION,
-                    role="worker",
-                    auth=p.auth_token(self.config.secret, challenge.nonce),
-                    device_id=self.device_id,
-                    name=self.name,
-                    slots=self.slots,
-                )
-            )
-            self._flush()
-            answer = await next_message()
-            if isinstance(answer, p.Error):
-                if answer.code == "auth_failed":
-                    raise AuthenticationFailed(answer.message)
-                raise ConnectionFailed(f"server refused: {answer.code}: {answer.message}")
-            if not isinstance(answer, p.Welcome):
-                raise ConnectionFailed(f"unexpected handshake answer {answer}")
-            self.device_id = answer.device_id
-            self.heartbeat_interval = answer.heartbeat_interval
-
-        await asyncio.wait_for(steps(), CONNECT_TIMEOUT)
-        log.info("connected to %s:%d as %s", self.config.host, self.config.port, self.device_id)
-
     async def _heartbeats(self, interval: float) -> None:
+        """Heartbeat when idle, and drop a connection whose server went silent (half-open)."""
         while True:
             await asyncio.sleep(interval / 2)
-            if (
-                self._proto is not None
-                and self._proto.state is p.State.READY
-                and time.monotonic() - self._last_sent >= interval / 2
-            ):
-                self._proto.send(p.Heartbeat())
-                self._flush()
+            now = time.monotonic()
+            if now - self._last_received > SILENCE_FACTOR * interval:
+                log.warning("the server has been silent for %.1f s", now - self._last_received)
+                if self._writer is not None:
+                    self._writer.transport.abort()
+                return
+            if now - self._last_sent >= interval / 2:
+                self._send(p.Heartbeat())
 
     def _flush(self) -> None:
         if self._proto is None or self._writer is None:
@@ -225,30 +196,27 @@ class Worker:
             self._writer.write(data)
             self._last_sent = time.monotonic()
 
-    def _send(self, message: p.Message) -> None:
-        if self._proto is not None and self._proto.state is p.State.READY:
-            self._proto.send(message)
-            self._flush()
+    def _send(self, message: p.Message) -> bool:
+        if self._proto is None or self._proto.state is not p.State.READY:
+            return False
+        self._proto.send(message)
+        self._flush()
+        return True
 
     # ---- credit ----------------------------------------------------------------------------------
 
-    def _grant(self, credit: int) -> None:
-        """Grant up to ``credit`` more tasks, never more than ``max_tasks`` allows."""
+    def _wanted_credit(self) -> int:
+        """Credit to grant now: enough to hold slots + prefetch tasks, within ``max_tasks``."""
+        held = len(self._tasks)
+        want = self.slots + self.prefetch - held - self._unused_credit
         if self.config.max_tasks is not None:
-            credit = min(credit, self.config.max_tasks - self.completed - self._open_credit)
-        if credit > 0 and self._proto is not None:
-            self._open_credit += credit
-            self._proto.send(p.Credit(credit=credit))
+            want = min(want, self.config.max_tasks - self.completed - held - self._unused_credit)
+        return max(0, want)
 
-    def _credit_back(self) -> int:
-        """A task ended: the credit it used is returned if the task budget allows."""
-        self._open_credit -= 1
-        if self.config.max_tasks is not None and (
-            self.completed + self._open_credit >= self.config.max_tasks
-        ):
-            return 0
-        self._open_credit += 1
-        return 1
+    def _top_up(self) -> None:
+        credit = self._wanted_credit()
+        if credit and self._send(p.Credit(credit=credit)):
+            self._unused_credit += credit
 
     # ---- messages --------------------------------------------------------------------------------
 
@@ -268,6 +236,7 @@ class Worker:
                 else:
                     self._rejected.discard(message.project_id)
             case p.Task():
+                self._unused_credit = max(0, self._unused_credit - 1)
                 project = self._projects.get(message.project_id)
                 if project is None or message.project_id in self._rejected:
                     outcome = "abandoned" if project is not None else "load_error"
@@ -300,21 +269,27 @@ class Worker:
     def _reply(self, task: p.Task, outcome: Outcome) -> None:
         if outcome.outcome != "abandoned":
             self.completed += 1
-        credit = self._credit_back()
-        self._send(
-            p.Result(
-                task_id=task.task_id,
-                attempt=task.attempt,
-                outcome=outcome.outcome,
-                payload=outcome.payload,
-                n_items=outcome.n_items,
-                n_kept=outcome.n_kept,
-                error=outcome.error,
-                stats=outcome.stats,
-                files=outcome.files,
-                credit=credit,
-            )
+        connected = self._proto is not None and self._proto.state is p.State.READY
+        credit = self._wanted_credit() if connected else 0
+        result = p.Result(
+            task_id=task.task_id,
+            attempt=task.attempt,
+            outcome=outcome.outcome,
+            payload=outcome.payload,
+            n_items=outcome.n_items,
+            n_kept=outcome.n_kept,
+            error=outcome.error,
+            stats=outcome.stats,
+            files=outcome.files,
+            credit=credit,
         )
+        if self._send(result):
+            self._unused_credit += credit
+        elif outcome.outcome != "abandoned":
+            # delivered after the reconnect; an abandoned task needs no answer then
+            if len(self._outbox) == self._outbox.maxlen:
+                log.warning("outbox full: dropping the oldest undelivered result")
+            self._outbox.append(result)
         if self.done and not self._tasks:
             self._stopping.set()
 

@@ -98,6 +98,7 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("End", "total_items"): "Items in those tasks.",
     ("More", "project_id"): "The project.",
     ("More", "credit"): "Further tasks the creator may send, added to what it had.",
+    ("More", "stored"): "Tasks of the project durably stored: seqs `0 .. stored-1`.",
     ("TaskDone", "project_id"): "The project.",
     ("TaskDone", "seq"): "The creator's `seq` of the task.",
     ("TaskDone", "payload"): "The worker's Result payload, unchanged.",
@@ -114,6 +115,19 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Notice", "project_id"): "The project concerned.",
     ("Notice", "level"): "Severity, e.g. `info` or `warning`.",
     ("Notice", "text"): "Message for the user.",
+    ("Attach", "ref"): "Chosen by the creator; echoed in Attached.",
+    ("Attach", "project_id"): "The project to re-attach to.",
+    ("Attached", "ref"): "The `ref` of the Attach.",
+    ("Attached", "project_id"): "The project.",
+    ("Attached", "status"): "`running`, a Finished status, or `unknown` (no such project).",
+    ("Attached", "stored"): "Tasks durably stored (seqs `0 .. stored-1`); feeding resumes here.",
+    ("Attached", "items_stored"): "Items in those tasks.",
+    ("Attached", "ended"): "Whether the project's End is stored.",
+    ("Attached", "credit"): "Tasks the creator may send now.",
+    ("Release", "project_id"): "The project whose results the creator now keeps.",
+    ("ListProjects", "ref"): "Chosen by the creator; echoed in ProjectList.",
+    ("ProjectList", "ref"): "The `ref` of the ListProjects.",
+    ("ProjectList", "projects"): "One map per project (str keys; ignore unknown keys).",
 }
 
 _FILES_RULE = "each `files` entry is a 2-element array `[str, bin]`"
@@ -137,7 +151,13 @@ VALIDATION: dict[str, list[str]] = {
     "Finished": [f"`status` is one of {_one_of(p.PROJECT_STATUSES)}"],
 }
 
-_SCALARS = {"int": "int", "float": "float (int accepted)", "str": "str", "bytes": "bin"}
+_SCALARS = {
+    "bool": "bool",
+    "int": "int",
+    "float": "float (int accepted)",
+    "str": "str",
+    "bytes": "bin",
+}
 
 
 def msgpack_type(annotation: str) -> str:

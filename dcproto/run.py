@@ -1,0 +1,438 @@
+"""A project's life on the creator's background loop: feed tasks, take results, finish.
+
+Tasks are sliced from the iterator only while the server grants credit, and kept until the
+server says they are stored (``More.stored``), so a reconnect can resend exactly the ones it
+lost. Results are de-duplicated by task seq, so a replay after re-attaching counts nothing
+twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import pickle
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+from . import protocol as p
+from .client import CreatorClient, get_client
+from .errors import (
+    ConfigurationError,
+    ConnectionFailed,
+    DcprotoError,
+    ProjectCancelled,
+    ProjectError,
+    ProjectUnrunnable,
+    SerializationError,
+    TaskFailed,
+    UnhashableItemError,
+)
+
+if TYPE_CHECKING:
+    from .creator import ProjectHandle
+
+log = logging.getLogger("dcproto")
+
+MAX_TASKS_PER_FRAME = 256
+MAX_FRAME_PAYLOAD = 8 * 1024 * 1024  # a Tasks frame is cut once its items reach this size
+
+
+class SeqSet:
+    """A set of task seqs (0, 1, 2, ...) as a bitmap: one bit per task."""
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+
+    def add(self, seq: int) -> bool:
+        """Add ``seq``; False if it was already there."""
+        index, bit = divmod(seq, 8)
+        if index >= len(self._bits):
+            self._bits.extend(bytes(index + 1 - len(self._bits)))
+        if self._bits[index] & (1 << bit):
+            return False
+        self._bits[index] |= 1 << bit
+        return True
+
+
+class ProjectRun:
+    """Implements the client's ProjectListener for one project."""
+
+    def __init__(self, handle: ProjectHandle, code: bytes) -> None:
+        self.handle = handle
+        self.spec = handle._spec
+        self.code = code
+        self.client: CreatorClient | None = None
+        self.project_id: str | None = None
+        self.status = "submitting"
+        self.results: dict[Any, Any] = {}
+        self.seen = SeqSet()
+        self.tasks_done = self.items_done = self.items_kept = 0
+        self.run_time_total = self.exec_time_total = self.round_trip_total = 0.0
+        self.total_tasks: int | None = None
+        self.total_items: int | None = None
+        self.credit = 0
+        self._credit_event = asyncio.Event()
+        self._unstored: collections.deque[list[Any]] = collections.deque()
+        self._feeder: asyncio.Task[None] | None = None
+        self._next_seq = 0
+        self._skip_items = 0  # items already on the server when resuming from another process
+        self.submitted_at = time.time()
+        self.finished = False
+
+    # ---- starting --------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        spec = self.spec
+        if spec.user_name is None:
+            from .local import local_cluster
+
+            cluster = await local_cluster(spec.local_workers)
+            self.client = await get_client(
+                cluster.host, cluster.port, cluster.secret, reconnect_timeout=0
+            )
+        else:
+            from .users import get_user
+
+            user = get_user(spec.user_name)
+            if not user.secret:
+                raise ConfigurationError(f"user {spec.user_name!r} has no secret")
+            self.client = await get_client(
+                user.host, user.port, user.secret, reconnect_timeout=spec.reconnect_timeout
+            )
+
+    async def start(self) -> None:
+        """Submit the project and start feeding its tasks."""
+        await self._connect()
+        assert self.client is not None
+        spec = self.spec
+        options = dict(spec.options)
+        if spec.user_name is None:
+            options["fail_when_unrunnable"] = True
+        accepted = await self.client.submit(
+            {
+                "name": self.handle.name,
+                "code": self.code,
+                "modules": list(spec.modules),
+                "parallel": spec.parallel_func,
+                "stop": spec.stop_func,
+                "only_if": spec.only_if_func,
+                "options": options,
+            }
+        )
+        self._begin(accepted.project_id)
+        self.credit = accepted.credit
+        self._feeder = asyncio.create_task(self._feed())
+
+    async def start_attached(self, project_id: str) -> None:
+        """Re-attach to a project from a new process; resume feeding if it still needs it."""
+        await self._connect()
+        assert self.client is not None
+        self._begin(project_id)
+        attached = await self.client.attach(project_id)
+        if attached.status == "unknown":
+            self._forget_listener()
+            raise ProjectError(f"the server knows no project {project_id}")
+        if attached.status == "released":
+            self._forget_listener()
+            raise ProjectError(f"project {project_id}'s results were already fetched and released")
+        if attached.status == "running" and not attached.ended:
+            self._next_seq = attached.stored
+            self._skip_items = attached.items_stored
+            self.credit = attached.credit
+            self._feeder = asyncio.create_task(self._feed())
+
+    def _begin(self, project_id: str) -> None:
+        assert self.client is not None
+        self.project_id = self.handle.project_id = project_id
+        self.client.listeners[project_id] = self
+        self.status = "running"
+        if self.handle._writer is not None:
+            self.handle._writer.started(project_id, self.handle.name)
+
+    def _forget_listener(self) -> None:
+        if self.client is not None and self.project_id is not None:
+            self.client.listeners.pop(self.project_id, None)
+
+    # ---- feeding tasks -----------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        try:
+            iterator: Iterator[Any] = iter(self.spec.iterator)
+            if self._skip_items:
+                collections.deque(itertools.islice(iterator, self._skip_items), maxlen=0)
+        except Exception as exc:
+            self._fail_locally(DcprotoError(f"the iterator cannot be iterated: {exc!r}"))
+            return
+        seq = itertools.count(self._next_seq)
+        total_items = self._skip_items
+        size = self.spec.task_size
+        while not self.finished:
+            while self.credit <= 0 and not self.finished:
+                self._credit_event.clear()
+                await self._credit_event.wait()
+            if self.finished:
+                return
+            batch: list[list[Any]] = []
+            batch_bytes = 0
+            exhausted = False
+            try:
+                while (
+                    len(batch) < min(self.credit, MAX_TASKS_PER_FRAME)
+                    and batch_bytes < MAX_FRAME_PAYLOAD
+                ):
+                    items = list(itertools.islice(iterator, size))
+                    if not items:
+                        exhausted = True
+                        break
+                    blob = pickle_items(items)
+                    batch.append([next(seq), blob, len(items)])
+                    batch_bytes += len(blob)
+                    total_items += len(items)
+            except DcprotoError as exc:
+                self._fail_locally(exc)
+                return
+            except Exception as exc:
+                self._fail_locally(DcprotoError(f"the iterator raised {exc!r}"))
+                return
+            self.credit -= len(batch)
+            self._unstored.extend(batch)
+            if exhausted:
+                self.total_tasks = batch[-1][0] + 1 if batch else next(seq)
+                self.total_items = total_items
+            self._send_tasks(batch)
+            if exhausted:
+                return
+            assert self.client is not None
+            await self.client.drain()
+            await asyncio.sleep(0)
+
+    def _send_tasks(self, batch: list[list[Any]]) -> None:
+        """Send ``batch`` (and End once the iterator is exhausted). While disconnected nothing
+        is lost: unstored tasks and End are sent again on re-attach."""
+        assert self.client is not None and self.project_id is not None
+        with contextlib.suppress(ConnectionFailed):
+            if batch:
+                self.client.send(p.Tasks(project_id=self.project_id, tasks=batch))
+            if self.total_tasks is not None:
+                self.client.send(
+                    p.End(
+                        project_id=self.project_id,
+                        total_tasks=self.total_tasks,
+                        total_items=self.total_items or 0,
+                    )
+                )
+
+    def _stored(self, stored: int) -> None:
+        while self._unstored and self._unstored[0][0] < stored:
+            self._unstored.popleft()
+
+    def _fail_locally(self, error: DcprotoError) -> None:
+        """The creator side failed (iterator, pickling): cancel on the server, then fail."""
+        self.cancel()
+        self._finish(error=error)
+
+    def cancel(self) -> None:
+        if self.finished or self.client is None or self.project_id is None:
+            return
+        with contextlib.suppress(DcprotoError):
+            self.client.send(p.Cancel(project_id=self.project_id))
+
+    # ---- the client's listener interface -----------------------------------------------------
+
+    def on_disconnect(self) -> None:
+        self.credit = 0
+
+    async def on_reconnect(self) -> None:
+        assert self.client is not None and self.project_id is not None
+        try:
+            attached = await self.client.attach(self.project_id)
+        except ConnectionFailed:
+            return  # disconnected again; the next reconnect tries again
+        if attached.status in ("unknown", "released"):
+            self._finish(
+                error=ProjectError(f"the server lost project {self.project_id} ({attached.status})")
+            )
+            return
+        if attached.status != "running":
+            return  # the replay and Finished follow
+        self._stored(attached.stored)
+        resend = list(self._unstored)
+        self.credit = attached.credit - len(resend)
+        if attached.ended:
+            return
+        log.info("project %s re-attached; resending %d tasks", self.handle.name, len(resend))
+        self._send_tasks(resend)
+        self._credit_event.set()
+
+    def on_lost(self, error: ConnectionFailed) -> None:
+        self._finish(error=error)
+
+    def on_message(self, message: p.Message) -> None:
+        if self.finished:
+            return
+        try:
+            match message:
+                case p.More():
+                    self._stored(message.stored)
+                    self.credit += message.credit
+                    self._credit_event.set()
+                case p.TaskDone():
+                    self._task_done(message)
+                case p.Notice():
+                    level = logging.WARNING if message.level == "warning" else logging.INFO
+                    log.log(level, "project %s: %s", self.handle.name, message.text)
+                    self.handle.notices.append(message.text)
+                case p.Finished():
+                    self._finished(message)
+        except DcprotoError as exc:
+            self._fail_locally(exc)
+
+    def _task_done(self, message: p.TaskDone) -> None:
+        if not self.seen.add(message.seq):
+            return  # replayed after a re-attach: already counted
+        pairs = unpickle(message.payload, "the results of a task")
+        self.results.update(pairs)
+        self.tasks_done += 1
+        self.items_done += message.n_items
+        self.items_kept += message.n_kept
+        self.run_time_total += message.stats.get("run", 0.0)
+        self.exec_time_total += message.stats.get("exec", 0.0)
+        self.round_trip_total += message.stats.get("round_trip", 0.0)
+        errors = message.stats.get("errors")
+        if errors:
+            self.handle.errors.extend(errors)
+        writer = self.handle._writer
+        if writer is not None:
+            writer.task_done(message.seq, message.stats, message.files)
+
+    def _finished(self, message: p.Finished) -> None:
+        stats = dict(message.stats)
+        self.handle.stats = stats
+        if message.status == "done":
+            self._finish(result=self.results, stats=stats)
+        elif message.status == "stopped":
+            assert message.stop is not None
+            _, payload = message.stop
+            stopped = dict(unpickle(payload, "the stopping result"))
+            self._finish(result=stopped, stats=stats, status="stopped")
+        elif message.status == "cancelled":
+            self._finish(error=ProjectCancelled(f"project {self.handle.name} was cancelled"))
+        else:
+            error = message.error or {}
+            reason = error.get("reason", "failed")
+            text = error.get("message", "the project failed")
+            if reason == "unrunnable":
+                self._finish(error=ProjectUnrunnable(text), stats=stats)
+            else:
+                self._finish(
+                    error=TaskFailed(
+                        f"project {self.handle.name} failed: {text}",
+                        reason=reason,
+                        attempts=error.get("attempts", 1),
+                        item=error.get("item"),
+                        remote_traceback=error.get("traceback"),
+                        details=error,
+                    ),
+                    stats=stats,
+                )
+
+    def _finish(
+        self,
+        *,
+        result: dict[Any, Any] | None = None,
+        error: BaseException | None = None,
+        stats: dict[str, Any] | None = None,
+        status: str | None = None,
+    ) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._credit_event.set()
+        if status is not None:
+            self.status = status
+        elif error is not None:
+            self.status = "cancelled" if isinstance(error, ProjectCancelled) else "failed"
+        else:
+            self.status = "done"
+        self._forget_listener()
+        writer = self.handle._writer
+        if writer is not None:
+            try:
+                writer.finish(
+                    results=result,
+                    status=self.status,
+                    error=error,
+                    stats=self._stats(stats or {}),
+                    errors=self.handle.errors,
+                )
+            except DcprotoError as exc:
+                error = error or exc
+        if stats is not None and self.client is not None and self.project_id is not None:
+            # the results are ours now (and on disk, with a results_path): the server may
+            # drop its copy
+            with contextlib.suppress(DcprotoError):
+                self.client.send(p.Release(project_id=self.project_id))
+        future = self.handle._future
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result if result is not None else {})
+
+    def _stats(self, server: dict[str, Any]) -> dict[str, Any]:
+        finished_at = time.time()
+        wall = finished_at - self.submitted_at
+        first_started_at = None
+        if server.get("first_started_at") is not None and server.get("submitted_at") is not None:
+            # the server's clock is monotonic; carry its delay over to our wall clock
+            first_started_at = self.submitted_at + (
+                server["first_started_at"] - server["submitted_at"]
+            )
+        return {
+            "project_id": self.project_id,
+            "name": self.handle.name,
+            "status": self.status,
+            "submitted_at": self.submitted_at,
+            "first_started_at": first_started_at,
+            "finished_at": finished_at,
+            "wall_time": wall,
+            "total_tasks": self.total_tasks,
+            "total_items": self.total_items,
+            "tasks_done": self.tasks_done,
+            "items_done": self.items_done,
+            "items_kept": self.items_kept,
+            "tasks_reissued": server.get("tasks_reissued", 0),
+            "duplicates_dropped": server.get("duplicates_dropped", 0),
+            "per_worker_tasks": server.get("per_worker", {}),
+            "items_per_second": self.items_done / wall if wall > 0 else None,
+            "run_time_total": self.run_time_total,
+            "exec_time_total": self.exec_time_total,
+            "round_trip_total": self.round_trip_total,
+        }
+
+
+def pickle_items(items: list[Any]) -> bytes:
+    for item in items:
+        try:
+            hash(item)
+        except TypeError:
+            raise UnhashableItemError(
+                f"item {item!r:.200} is not hashable, so it cannot be a key of the results; "
+                "yield tuples or frozensets instead of lists or sets"
+            ) from None
+    try:
+        return cloudpickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(f"an item cannot be pickled: {exc}") from exc
+
+
+def unpickle(payload: bytes, what: str) -> list[tuple[Any, Any]]:
+    try:
+        return cloudpickle.loads(payload)
+    except Exception as exc:
+        raise SerializationError(f"{what} cannot be unpickled here: {exc}") from exc
