@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from . import users
-from .errors import DcprotoError
+from .errors import DcprotoError, ProjectCancelled
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,20 @@ def build_parser() -> argparse.ArgumentParser:
     users_sub.add_parser("list", help="list named servers")
     remove = users_sub.add_parser("remove", help="forget a named server")
     remove.add_argument("name")
+    projects = sub.add_parser("projects", help="projects on a server")
+    projects_sub = projects.add_subparsers(dest="action", required=True)
+    listing = projects_sub.add_parser("list", help="list the server's projects")
+    listing.add_argument("--user", required=True, help="the named server")
+    results = projects_sub.add_parser(
+        "results", help="wait for a project's results and write them to a directory"
+    )
+    results.add_argument("project_id")
+    results.add_argument("--user", required=True, help="the named server")
+    results.add_argument("--out", default=None, help="results directory (default: ./ID)")
+    results.add_argument("--timeout", type=float, default=None, help="seconds to wait")
+    cancel = projects_sub.add_parser("cancel", help="cancel a running project")
+    cancel.add_argument("project_id")
+    cancel.add_argument("--user", required=True, help="the named server")
     sub.add_parser("server", help="same as dcproto-server", add_help=False)
     sub.add_parser("worker", help="same as dcproto-worker", add_help=False)
     return parser
@@ -45,6 +60,41 @@ def users_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def projects_command(args: argparse.Namespace) -> int:
+    from .client import call, get_client
+    from .creator import attach
+
+    if args.action == "list":
+        user = users.get_user(args.user)
+
+        async def listing() -> list[dict[str, object]]:
+            client = await get_client(user.host, user.port, user.secret or "")
+            return await client.list_projects()
+
+        rows = call(listing(), timeout=30)
+        if not rows:
+            print("no projects")
+        for row in rows:
+            submitted = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(row["submitted_at"])))
+            total = row.get("total_tasks")
+            tasks = f"{row.get('tasks_received')}/{total if total is not None else '?'} tasks"
+            print(f"{row['project_id']}  {row['status']:<9}  {submitted}  {tasks}  {row['name']}")
+        return 0
+    handle = attach(args.project_id, user_name=args.user, results_path=args.out or args.project_id)
+    if args.action == "cancel":
+        handle.cancel()
+        try:
+            handle.get_results(30)
+        except ProjectCancelled:
+            print(f"cancelled {args.project_id}")
+            return 0
+        print(f"{args.project_id} had already finished")
+        return 1
+    results = handle.get_results(args.timeout)
+    print(f"{len(results)} results of {args.project_id} written to {args.out or args.project_id}/")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "server":
@@ -57,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "projects":
+            return projects_command(args)
         return users_command(args)
     except DcprotoError as exc:
         print(f"dcproto: {exc}", file=sys.stderr)

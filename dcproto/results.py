@@ -61,26 +61,26 @@ class ResultsWriter:
     def _guard(self, what: str) -> Any:
         return _Guard(self.path, what)
 
-    def started(self, project_id: str, name: str) -> None:
+    def started(self, project_id: str) -> None:
         with self._guard("project_id"):
             (self.path / "project_id").write_text(project_id + "\n", encoding="utf-8")
-            self._tasks_csv = open(self.path / "tasks.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
-            self._csv = csv.writer(self._tasks_csv)
-            self._csv.writerow(["seq", "worker", "attempt", "run", "exec", "round_trip"])
 
     def task_done(self, seq: int, stats: dict[str, Any], files: list[Any]) -> None:
         with self._guard("tasks.csv"):
-            if self._csv is not None:
-                self._csv.writerow(
-                    [
-                        seq,
-                        stats.get("worker"),
-                        stats.get("attempt"),
-                        _round(stats.get("run")),
-                        _round(stats.get("exec")),
-                        _round(stats.get("round_trip")),
-                    ]
-                )
+            if self._csv is None:
+                self._tasks_csv = open(self.path / "tasks.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
+                self._csv = csv.writer(self._tasks_csv)
+                self._csv.writerow(["seq", "worker", "attempt", "run", "exec", "round_trip"])
+            self._csv.writerow(
+                [
+                    seq,
+                    stats.get("worker"),
+                    stats.get("attempt"),
+                    _round(stats.get("run")),
+                    _round(stats.get("exec")),
+                    _round(stats.get("round_trip")),
+                ]
+            )
         for name, data in files:
             self._write_file(seq, name, data)
 

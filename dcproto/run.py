@@ -126,6 +126,8 @@ class ProjectRun:
             }
         )
         self._begin(accepted.project_id)
+        if self.handle._writer is not None:
+            self.handle._writer.started(accepted.project_id)
         self.credit = accepted.credit
         self._feeder = asyncio.create_task(self._feed())
 
@@ -141,6 +143,8 @@ class ProjectRun:
         if attached.status == "released":
             self._forget_listener()
             raise ProjectError(f"project {project_id}'s results were already fetched and released")
+        if self.handle._writer is not None:
+            self.handle._writer.started(project_id)
         if attached.status == "running" and not attached.ended:
             self._next_seq = attached.stored
             self._skip_items = attached.items_stored
@@ -152,8 +156,6 @@ class ProjectRun:
         self.project_id = self.handle.project_id = project_id
         self.client.listeners[project_id] = self
         self.status = "running"
-        if self.handle._writer is not None:
-            self.handle._writer.started(project_id, self.handle.name)
 
     def _forget_listener(self) -> None:
         if self.client is not None and self.project_id is not None:

@@ -375,6 +375,8 @@ class Server:
                 credit=0,
             )
         )
+        if stored.released:
+            return  # its results are gone: nothing to replay
         outcome = stored.outcome or {}
         finished = p.Finished(
             project_id=project_id,
