@@ -12,8 +12,11 @@ pushed to a worker with credit, and then *done* on its first valid result, or ba
 when its worker disconnects, its lease expires (no sign of life from the worker for
 ``lease_timeout`` seconds), the worker rejects the project, or its child process crashed or timed
 out -- the last two count as failed attempts, capped by ``max_attempts``, after which the
-project fails with the reason. Every send carries an attempt number; a result must match the
-task's current attempt and worker or it is a late duplicate and is dropped.
+project fails with the reason. Every send carries an attempt number. The first ok, stop or
+error result for a task wins, whichever attempt it answers (a worker that came back after its
+lease expired, or after a server restart, still delivers), and whoever holds the task then is
+told to abandon it; crashes, timeouts and abandons count only for the current attempt; results
+for a finished task are late duplicates and are dropped.
 
 Workers are served one task per pass in turn, and each pass takes projects in rotation, so
 several projects share the workers fairly whatever their sizes. Creators stream tasks under a
@@ -47,6 +50,9 @@ TASK_TRANSITIONS: dict[tuple[TaskState, str], TaskState] = {
     (TaskState.LEASED, "rejected"): TaskState.QUEUED,
     (TaskState.LEASED, "attempt_failed"): TaskState.QUEUED,
     (TaskState.LEASED, "attempts_exhausted"): TaskState.FAILED,
+    # an earlier attempt's result arrives while the task waits for another go
+    (TaskState.QUEUED, "earlier_result_ok"): TaskState.DONE,
+    (TaskState.QUEUED, "earlier_result_error"): TaskState.FAILED,
 }
 
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -134,11 +140,12 @@ class TaskRecord:
     items: bytes
     n_items: int
     state: TaskState = TaskState.QUEUED
-    attempt: int = 0  # attempts sent so far; a result must carry the current one
+    attempt: int = 0  # attempts sent so far; failures count only for the current one
     failures: int = 0  # crashes and timeouts
     failed_on: set[str] = field(default_factory=set)
     worker_id: str | None = None
-    sent_at: float = 0.0
+    sent_at: float = 0.0  # when the current attempt was sent
+    sent: list[float] = field(default_factory=list)  # when each attempt was sent
 
 
 @dataclass(slots=True, eq=False)
@@ -222,15 +229,19 @@ class Scheduler:
         worker.last_seen = now
         if not worker.suspect:
             return []
+        self._revive(worker)
+        return self._flush(now)
+
+    def _revive(self, worker: WorkerRecord) -> None:
+        """A sign of life from a suspect worker: it may take tasks again."""
         worker.suspect = False
         if worker.credit > 0:
-            self._ready[worker_id] = None
-        return self._flush(now)
+            self._ready[worker.worker_id] = None
 
     def worker_credit(self, worker_id: str, credit: int, now: float) -> list[Action]:
         worker = self.workers[worker_id]
         worker.last_seen = now
-        worker.suspect = False
+        self._revive(worker)
         self._add_credit(worker, credit)
         return self._flush(now)
 
@@ -254,7 +265,7 @@ class Scheduler:
         """The worker cannot run the project; its tasks of it move on, uncounted as failures."""
         worker = self.workers[worker_id]
         worker.last_seen = now
-        worker.suspect = False
+        self._revive(worker)
         project = self.projects.get(project_id)
         if project is None or project.status != "running":
             return self._flush(now)
@@ -271,7 +282,7 @@ class Scheduler:
         for the current attempt; anything else is a late duplicate and is dropped."""
         worker = self.workers[worker_id]
         worker.last_seen = now
-        worker.suspect = False
+        self._revive(worker)
         self._add_credit(worker, result.credit)
         task = self.tasks.get(result.task_id)
         if task is None:
@@ -574,7 +585,10 @@ class Scheduler:
         project.per_worker[worker.name] += 1
         if forward:
             stats = dict(result.stats)
-            stats.update(worker=worker.name, attempt=task.attempt, round_trip=now - task.sent_at)
+            # the attempt that won may be an earlier one than the task's latest
+            attempt = result.attempt if 1 <= result.attempt <= len(task.sent) else task.attempt
+            sent_at = task.sent[attempt - 1] if task.sent else task.sent_at
+            stats.update(worker=worker.name, attempt=attempt, round_trip=now - sent_at)
             self._actions.append(
                 ToCreator(
                     project.creator_id,
@@ -612,6 +626,8 @@ class Scheduler:
             for queue in (project.queue, project.retries):
                 if task.task_id in queue:
                     queue.remove(task.task_id)
+            if not project.has_queued() and project.project_id in self._active:
+                self._active.remove(project.project_id)  # keep one turn per project
         task.state = TaskState.LEASED  # so that the outcome below completes it
 
     def _maybe_done(self, project: ProjectRecord, now: float) -> None:
@@ -764,6 +780,7 @@ class Scheduler:
         task.attempt += 1
         task.worker_id = worker.worker_id
         task.sent_at = now
+        task.sent.append(now)
         worker.leased.add(task.task_id)
         worker.credit -= 1
         project.leased.add(task.task_id)
