@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .child import OUTPUT_DIR_ENV
-from .creator import Distribute, Progress, ProjectHandle
+from .creator import Distribute, Progress, ProjectHandle, attach
 from .errors import (
     AuthenticationFailed,
     ConfigurationError,

@@ -15,6 +15,7 @@ Layout (stable; ``load_results`` reads it back):
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import pickle
@@ -89,8 +90,13 @@ class ResultsWriter:
         key = relative.as_posix()
         if key in self._written:
             stem, suffix = relative.stem, relative.suffix
-            relative = relative.with_name(f"{stem}.task{seq}{suffix}")
-            key = relative.as_posix()
+            tag = f"task{seq}"
+            for n in itertools.count(2):
+                candidate = relative.with_name(f"{stem}.{tag}{suffix}")
+                if candidate.as_posix() not in self._written:
+                    break
+                tag = f"task{seq}-{n}"
+            relative, key = candidate, candidate.as_posix()
         self._written.add(key)
         target = self.path / ADDITIONAL_DIR / relative
         with self._guard(key):

@@ -26,6 +26,7 @@ from .errors import (
     ConfigurationError,
     ConnectionFailed,
     DcprotoError,
+    LocalProtocolError,
     ProjectCancelled,
     ProjectError,
     ProjectUnrunnable,
@@ -41,6 +42,7 @@ log = logging.getLogger("dcproto")
 
 MAX_TASKS_PER_FRAME = 256
 MAX_FRAME_PAYLOAD = 8 * 1024 * 1024  # a Tasks frame is cut once its items reach this size
+FRAME_OVERHEAD = 4096  # room for the rest of a Tasks frame around its items
 
 
 class SeqSet:
@@ -174,6 +176,9 @@ class ProjectRun:
         seq = itertools.count(self._next_seq)
         total_items = self._skip_items
         size = self.spec.task_size
+        assert self.client is not None
+        limit = self.client.proto.max_frame - FRAME_OVERHEAD
+        pending: list[Any] | None = None  # a task that did not fit in the last frame
         while not self.finished:
             while self.credit <= 0 and not self.finished:
                 self._credit_event.clear()
@@ -188,14 +193,27 @@ class ProjectRun:
                     len(batch) < min(self.credit, MAX_TASKS_PER_FRAME)
                     and batch_bytes < MAX_FRAME_PAYLOAD
                 ):
-                    items = list(itertools.islice(iterator, size))
-                    if not items:
-                        exhausted = True
+                    if pending is not None:
+                        entry, pending = pending, None
+                    else:
+                        items = list(itertools.islice(iterator, size))
+                        if not items:
+                            exhausted = True
+                            break
+                        blob = pickle_items(items)
+                        if len(blob) > limit:
+                            raise SerializationError(
+                                f"a task of {len(items)} item(s) pickles to {len(blob)} bytes, "
+                                f"more than one frame carries ({limit}); use smaller items "
+                                "or a smaller task_size"
+                            )
+                        entry = [next(seq), blob, len(items)]
+                        total_items += len(items)
+                    if batch and batch_bytes + len(entry[1]) > limit:
+                        pending = entry  # it opens the next frame
                         break
-                    blob = pickle_items(items)
-                    batch.append([next(seq), blob, len(items)])
-                    batch_bytes += len(blob)
-                    total_items += len(items)
+                    batch.append(entry)
+                    batch_bytes += len(entry[1])
             except DcprotoError as exc:
                 self._fail_locally(exc)
                 return
@@ -207,7 +225,11 @@ class ProjectRun:
             if exhausted:
                 self.total_tasks = batch[-1][0] + 1 if batch else next(seq)
                 self.total_items = total_items
-            self._send_tasks(batch)
+            try:
+                self._send_tasks(batch)
+            except LocalProtocolError as exc:  # a frame we must not send: fail, never hang
+                self._fail_locally(SerializationError(f"tasks cannot be sent: {exc}"))
+                return
             if exhausted:
                 return
             assert self.client is not None

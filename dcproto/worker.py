@@ -17,11 +17,17 @@ import socket
 import sys
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import protocol as p
 from .client import backoff_delays, open_session
-from .errors import AuthenticationFailed, ConnectionFailed, DcprotoError, UsageError
+from .errors import (
+    AuthenticationFailed,
+    ConnectionFailed,
+    DcprotoError,
+    LocalProtocolError,
+    UsageError,
+)
 from .runner import Outcome, Runner, default_slots
 
 log = logging.getLogger("dcproto.worker")
@@ -283,7 +289,20 @@ class Worker:
             files=outcome.files,
             credit=credit,
         )
-        if self._send(result):
+        try:
+            sent = self._send(result)
+        except LocalProtocolError as exc:  # e.g. a result larger than a frame: fail the task
+            log.warning("task %d: cannot send its result: %s", task.task_id, exc)
+            result = replace(
+                result,
+                outcome="error",
+                payload=b"",
+                n_kept=0,
+                files=[],
+                error={"reason": "too_large", "message": f"the result cannot be sent: {exc}"},
+            )
+            sent = self._send(result)
+        if sent:
             self._unused_credit += credit
         elif outcome.outcome != "abandoned":
             # delivered after the reconnect; an abandoned task needs no answer then

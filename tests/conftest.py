@@ -1,0 +1,299 @@
+"""Fixtures for the integration tests: real server and worker processes on 127.0.0.1.
+
+* ``server`` -- a ``python -m dcproto.server --port 0`` process (``make_server`` for one with
+  other options), killed at teardown;
+* ``start_worker(*extra_args)`` -- ``python -m dcproto.worker connect 127.0.0.1:PORT`` processes,
+  each in its own session so teardown can kill it together with its child processes;
+* ``config_dir`` / ``user`` -- a private ``$DCPROTO_CONFIG_DIR`` and a user "home" for ``server``.
+
+When a test fails, the logs of its server and workers are printed at teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dcproto.users import User, add_user
+
+SECRET = "integration-secret"
+HEARTBEAT = 0.5
+STARTUP_TIMEOUT = 10.0
+LISTENING = "dcproto server listening on "
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item, so fixtures can tell whether the test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    report = getattr(request.node, "report_call", None)
+    return report is None or report.failed
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02
+) -> Any:
+    """Poll ``condition`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL the process and everything in its session (it was started as a session leader)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the children of a worker too, even if it died
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+# ---- server -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    host: str
+    port: int
+    secret: str
+    proc: subprocess.Popen[str]
+    state_dir: Path
+    log_path: Path
+    stdout_lines: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def _start_server(
+    directory: Path, secret: str, heartbeat: float, port: int, state_dir: Path | None
+) -> ServerProcess:
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = directory / "server.log"
+    state_dir = state_dir or directory / "state"
+    # Text mode, one line each: the reader thread below sees the banner as soon as it is printed.
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dcproto.server",
+                "--port",
+                str(port),
+                "--state-dir",
+                str(state_dir),
+                "--secret",
+                secret,
+                "--heartbeat",
+                str(heartbeat),
+                "--log-level",
+                "INFO",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+    lines: list[str] = []
+    banner: queue.Queue[str | None] = queue.Queue()
+
+    def read_stdout() -> None:  # keeps draining, so the pipe never fills up
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            banner.put(line)
+        banner.put(None)
+
+    threading.Thread(target=read_stdout, name="server-stdout", daemon=True).start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        try:
+            line = banner.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+        if line is None:
+            _kill_group(proc)
+            pytest.fail(
+                f"the server did not print {LISTENING!r} within {STARTUP_TIMEOUT} s; "
+                f"stdout: {''.join(lines)!r}; log:\n{log_path.read_text()}"
+            )
+        if LISTENING in line:
+            host, _, port = line.split(LISTENING, 1)[1].strip().rpartition(":")
+            return ServerProcess(host, int(port), secret, proc, state_dir, log_path, lines)
+
+
+@pytest.fixture
+def make_server(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., ServerProcess]]:
+    """``make_server(heartbeat=, secret=, port=, state_dir=)`` starts another server process
+    (on a free port and with a fresh state dir unless told otherwise)."""
+    started: list[ServerProcess] = []
+    numbers = itertools.count(1)
+
+    def make(
+        *,
+        heartbeat: float = HEARTBEAT,
+        secret: str = SECRET,
+        port: int = 0,
+        state_dir: Path | None = None,
+    ) -> ServerProcess:
+        directory = tmp_path / f"server-{next(numbers)}"
+        server = _start_server(directory, secret, heartbeat, port, state_dir)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        _kill_group(server.proc)
+        if _failed(request):
+            print(f"\n==== server {server.address} log ====\n{server.log()}")
+
+
+@pytest.fixture
+def server(make_server: Callable[..., ServerProcess]) -> ServerProcess:
+    """A real ``dcproto.server`` process with a short heartbeat, on a free port."""
+    return make_server()
+
+
+# ---- workers ------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    proc: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def connections(self) -> int:
+        """How often this worker has (re)connected so far."""
+        return self.log().count("connected to ")
+
+    def wait_connected(self, count: int = 1, timeout: float = STARTUP_TIMEOUT) -> None:
+        wait_for(
+            lambda: self.connections() >= count or self.proc.poll() is not None,
+            timeout,
+            f"worker {self.name} to connect",
+        )
+        if self.connections() < count:
+            pytest.fail(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log()}")
+
+
+@pytest.fixture
+def start_worker(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """``start_worker(*extra_args, wait=True, server=None)`` starts a worker process for
+    ``server`` (by default the ``server`` fixture's).
+
+    It is named ``worker-N`` (the name shows in the project stats) and, unless ``wait`` is
+    false, has connected when this returns. Extra arguments come last, so they win."""
+    started: list[WorkerProcess] = []
+    numbers = itertools.count(1)
+
+    def start(
+        *extra_args: str, wait: bool = True, server: ServerProcess | None = None
+    ) -> WorkerProcess:
+        if server is None:
+            server = request.getfixturevalue("server")
+        name = f"worker-{next(numbers)}"
+        stdout_path = tmp_path / f"{name}.out"
+        stderr_path = tmp_path / f"{name}.log"
+        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dcproto.worker",
+                    "connect",
+                    f"127.0.0.1:{server.port}",
+                    "--secret",
+                    server.secret,
+                    "--slots",
+                    "2",
+                    "--name",
+                    name,
+                    *extra_args,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        worker = WorkerProcess(name, proc, stdout_path, stderr_path)
+        started.append(worker)
+        if wait:
+            worker.wait_connected()
+        return worker
+
+    yield start
+    for worker in started:
+        with contextlib.suppress(ProcessLookupError):
+            if worker.proc.poll() is None:
+                os.kill(worker.pid, signal.SIGCONT)  # a test may have frozen it
+        _kill_group(worker.proc)
+        if _failed(request):
+            print(f"\n==== {worker.name} (exit {worker.proc.returncode}) log ====\n{worker.log()}")
+            print(f"==== {worker.name} stdout ====\n{worker.output()}")
+
+
+# ---- named servers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private ``$DCPROTO_CONFIG_DIR`` (subprocesses inherit it)."""
+    directory = tmp_path / "config"
+    monkeypatch.setenv("DCPROTO_CONFIG_DIR", str(directory))
+    return directory
+
+
+@pytest.fixture
+def user(server: ServerProcess, config_dir: Path) -> User:
+    """The user (named server) "home" for ``server``."""
+    home = User(name="home", host="127.0.0.1", port=server.port, secret=server.secret)
+    add_user(home)
+    return home
