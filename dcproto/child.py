@@ -6,8 +6,11 @@ and msgpack arrays:
 
 * ``["load", project_id, code, modules, parallel, stop, only_if, errors]`` -- no answer; a load
   failure is reported by the next ``run`` of that project as outcome ``load_error``.
-* ``["run", task_id, project_id, items, output_dir]`` -> ``["done", task_id, outcome, payload,
-  n_items, n_kept, error, stats, files]``.
+* ``["run", task_id, project_id, items]`` -> ``["done", task_id, outcome, payload, n_items,
+  n_kept, error, stats, files]``.
+
+User code may write files into ``$DCPROTO_OUTPUT_DIR``, one directory for the child's life
+(the worker sets it); after each task whatever is there is sent back and the directory emptied.
 
 SIGUSR1 abandons the running task: the handler raises :class:`TaskAbandoned` only while user
 code is running, never while a frame is being read or written, and the task is answered with
@@ -84,6 +87,10 @@ def _error_info(item: Any, exc: BaseException) -> dict[str, Any]:
 
 def _pickle_pairs(pairs: list[tuple[Any, Any]]) -> bytes:
     try:
+        return pickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL)  # fast for plain data
+    except Exception:
+        pass
+    try:
         return cloudpickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         for item, value in pairs:  # find the culprit, to name it in the error
@@ -98,6 +105,20 @@ class _ValueError(Exception):
     def __init__(self, item: Any, cause: BaseException) -> None:
         super().__init__(f"the return value cannot be pickled: {cause}")
         self.item = item
+
+
+def _has_files(output_dir: Path) -> bool:
+    """One cheap syscall for the common case of a task that wrote nothing."""
+    try:
+        with os.scandir(output_dir) as entries:
+            return next(entries, None) is not None
+    except FileNotFoundError:
+        return False
+
+
+def _empty(output_dir: Path) -> None:
+    shutil.rmtree(output_dir, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _collect_files(output_dir: Path) -> list[list[Any]]:
@@ -130,8 +151,7 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
     errors: list[dict[str, Any]] = []
     n_items = 0
     n_errors = 0
-    output_dir.mkdir(parents=True, exist_ok=True)
-    os.environ[OUTPUT_DIR_ENV] = str(output_dir)
+    files: list[list[Any]] = []
     try:
         _abandonable = True
         items = pickle.loads(items_blob)
@@ -168,7 +188,8 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
                 outcome, payload = "error", b""
                 error = _error_info(exc.item, exc)
                 error["reason"] = "unpicklable"
-        files = _collect_files(output_dir) if outcome != "error" else []
+        if outcome != "error" and _has_files(output_dir):
+            files = _collect_files(output_dir)
         _abandonable = False
     except TaskAbandoned:
         _abandonable = False
@@ -178,8 +199,8 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
         return ["error", b"", n_items, 0, _error_info(None, exc), {}, []]
     finally:
         _abandonable = False
-        os.environ.pop(OUTPUT_DIR_ENV, None)
-        shutil.rmtree(output_dir, ignore_errors=True)
+        if _has_files(output_dir) or not output_dir.is_dir():
+            _empty(output_dir)
     stats = {"run": run_time, "exec": time.perf_counter() - started}
     if n_errors:
         stats["errors"] = errors
@@ -209,6 +230,9 @@ def main() -> None:
     sys.stdout = sys.stderr
     signal.signal(signal.SIGUSR1, _on_abandon)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when children stop
+    output_dir = Path(os.environ.get(OUTPUT_DIR_ENV) or os.path.join(os.getcwd(), "dcproto-out"))
+    os.environ[OUTPUT_DIR_ENV] = str(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     projects: OrderedDict[str, LoadedProject] = OrderedDict()
     while True:
         header = _read_exact(commands, HEADER.size)
@@ -225,7 +249,7 @@ def main() -> None:
             while len(projects) > MAX_LOADED_PROJECTS:
                 projects.popitem(last=False)
         elif command[0] == "run":
-            _, task_id, project_id, items, output_dir = command
+            _, task_id, project_id, items = command
             project = projects.get(project_id)
             # user code may have replaced the handler in an earlier task
             signal.signal(signal.SIGUSR1, _on_abandon)
@@ -234,7 +258,7 @@ def main() -> None:
             if project is None:
                 answer = ["load_error", b"", 0, 0, {"message": "project not loaded"}, {}, []]
             else:
-                answer = run_task(project, items, Path(output_dir))
+                answer = run_task(project, items, output_dir)
             body = msgpack.packb(["done", task_id, *answer], use_bin_type=True)
             with contextlib.suppress(BrokenPipeError):
                 answers.write(HEADER.pack(len(body)) + body)

@@ -485,8 +485,6 @@ def decode(body: bytes | memoryview) -> Message:
     """The message in one frame body. Raises RemoteProtocolError if it is malformed."""
     try:
         value = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
-        if not _str_keys(value):
-            raise ValueError("map keys must be str")
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         reason = f"undecodable msgpack ({type(exc).__name__}: {exc})"
         raise RemoteProtocolError(reason, code="bad_frame") from exc
@@ -510,14 +508,15 @@ def decode(body: bytes | memoryview) -> Message:
 
 
 def _check_fields(message: Message) -> None:
-    for name, annotation, accepted in SCHEMA[type(message)]:
+    for name, annotation, accepted, element, may_hold_maps in _PLANS[type(message)]:
         item = getattr(message, name)
         if not isinstance(item, accepted) or (type(item) is bool and bool not in accepted):
             raise TypeError(f"field {name!r} must be {annotation}, not {type(item).__name__}")
-        element = _ELEMENT_TYPES.get(annotation)
-        if element is not None and not all(type(e) is element for e in item):
-            raise TypeError(f"field {name!r} must be {annotation}")
-        if isinstance(item, dict | list) and not _str_keys(item):
+        if element is not None:
+            for entry in item:
+                if type(entry) is not element:
+                    raise TypeError(f"field {name!r} must be {annotation}")
+        if may_hold_maps and item is not None and not _str_keys(item):
             raise TypeError(f"field {name!r}: every map key must be a str")
 
 
@@ -526,10 +525,33 @@ def _str_keys(value: Any, depth: int = 0) -> bool:
     if depth > 32:
         return False
     if isinstance(value, dict):
-        return all(type(k) is str and _str_keys(v, depth + 1) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_str_keys(v, depth + 1) for v in value if isinstance(v, dict | list))
+        for key, inner in value.items():
+            if type(key) is not str:
+                return False
+            if isinstance(inner, dict | list) and not _str_keys(inner, depth + 1):
+                return False
+    elif isinstance(value, list | tuple):
+        for inner in value:
+            if isinstance(inner, dict | list) and not _str_keys(inner, depth + 1):
+                return False
     return True
+
+
+#: Per message class, the checks of each field: (name, annotation, accepted types, element
+#: type of a typed list, whether the field may hold maps whose keys must be checked).
+_PLANS: dict[type[Message], list[tuple[str, str, tuple[type, ...], type | None, bool]]] = {
+    cls: [
+        (
+            name,
+            annotation,
+            accepted,
+            _ELEMENT_TYPES.get(annotation),
+            "dict" in annotation or "Any" in annotation,
+        )
+        for name, annotation, accepted in schema
+    ]
+    for cls, schema in SCHEMA.items()
+}
 
 
 class Decoder:

@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 
 from . import protocol as p
-from .child import MAX_LOADED_PROJECTS
+from .child import MAX_LOADED_PROJECTS, OUTPUT_DIR_ENV
 
 log = logging.getLogger("dcproto.runner")
 
@@ -61,8 +61,14 @@ class Child:
         self.running: tuple[int, int] | None = None  # (task_id, attempt) in the child now
         self.answer: asyncio.Future[list[Any]] | None = None
         self._reader: asyncio.Task[None] | None = None
+        self.generation = 0
+        self.output_dir: Path | None = None  # the child's $DCPROTO_OUTPUT_DIR
 
     async def start(self) -> None:
+        if self.output_dir is not None:
+            shutil.rmtree(self.output_dir, ignore_errors=True)  # what a dead child left
+        self.generation += 1
+        self.output_dir = self.workdir / f"child-{self.number}-{self.generation}"
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
@@ -70,6 +76,7 @@ class Child:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=p.DEFAULT_MAX_FRAME * 2,
+            env={**os.environ, OUTPUT_DIR_ENV: str(self.output_dir)},
         )
         self.loaded.clear()
         self._reader = asyncio.create_task(self._read_answers(self.process))
@@ -201,13 +208,11 @@ class Runner:
         child.answer = loop.create_future()
         key = child.running = (task.task_id, task.attempt)
         self._running[key] = child
-        output_dir = child.workdir / f"task-{task.task_id}-{task.attempt}"
-        child.send(["run", task.task_id, task.project_id, task.items, str(output_dir)])
-        try:
-            return await self._answer(child, project, task)
-        finally:
-            # the child removes it, unless it died first
-            shutil.rmtree(output_dir, ignore_errors=True)
+        child.send(["run", task.task_id, task.project_id, task.items])
+        outcome = await self._answer(child, project, task)
+        if not child.alive and child.output_dir is not None:
+            shutil.rmtree(child.output_dir, ignore_errors=True)  # it died before emptying it
+        return outcome
 
     async def _answer(self, child: Child, project: p.Project, task: p.Task) -> Outcome:
         timeout = project.options.get("task_timeout")

@@ -83,6 +83,7 @@ class Worker:
         self._unused_credit = 0  # granted this session, not yet used by a Task
         self._outbox: deque[p.Result] = deque(maxlen=MAX_OUTBOX)
         self._last_received = 0.0
+        self._flush_scheduled = False
         self._proto: p.Connection | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._last_sent = 0.0
@@ -203,11 +204,18 @@ class Worker:
             self._last_sent = time.monotonic()
 
     def _send(self, message: p.Message) -> bool:
+        """Queue ``message``; everything queued in one loop turn goes out in one write."""
         if self._proto is None or self._proto.state is not p.State.READY:
             return False
         self._proto.send(message)
-        self._flush()
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_flush)
         return True
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
 
     # ---- credit ----------------------------------------------------------------------------------
 
