@@ -190,6 +190,7 @@ class WorkerRecord:
     leased: set[int] = field(default_factory=set)
     loaded: set[str] = field(default_factory=set)
     suspect: bool = False  # a lease expired: no new tasks until the worker shows life
+    capacity: int = 0  # the most tasks it has held or been able to take at once
 
 
 class Scheduler:
@@ -205,6 +206,7 @@ class Scheduler:
         self._active: deque[str] = deque()  # running projects with queued tasks, in turn
         self._next_task_id = 1
         self._total_slots = 0
+        self._total_capacity = 0  # sum of the workers' capacities
         self._actions: list[Action] = []
 
     # ---- workers -----------------------------------------------------------------------------
@@ -252,6 +254,7 @@ class Scheduler:
             return []
         self._ready.pop(worker_id, None)
         self._total_slots -= worker.slots
+        self._total_capacity -= worker.capacity
         for task_id in list(worker.leased):
             self._requeue(self.tasks[task_id], reissue=True)
         worker.leased.clear()
@@ -543,11 +546,16 @@ class Scheduler:
     def _add_credit(self, worker: WorkerRecord, credit: int) -> None:
         if credit > 0:
             worker.credit += credit
+            held = worker.credit + len(worker.leased)
+            if held > worker.capacity:
+                self._total_capacity += held - worker.capacity
+                worker.capacity = held
             if not worker.suspect:
                 self._ready[worker.worker_id] = None
 
     def _window(self) -> int:
-        return max(MIN_WINDOW, 4 * self._total_slots)
+        """Queued tasks a project may have: enough to refill every worker's prefetch twice."""
+        return max(MIN_WINDOW, 4 * self._total_slots, 2 * self._total_capacity)
 
     def _requeue(self, task: TaskRecord, *, reissue: bool, retry: bool = False) -> None:
         project = self.projects[task.project_id]

@@ -36,6 +36,8 @@ BACKOFF_START = 0.1
 BACKOFF_CAP = 5.0
 MAX_CACHED_PROJECTS = 64
 MAX_OUTBOX = 10_000  # results kept for delivery while disconnected
+PREFETCH_SECONDS = 0.02  # work to hold per slot beyond the running task, when adapting
+MAX_PREFETCH_PER_SLOT = 32
 SILENCE_FACTOR = 3  # a server silent for this many heartbeat intervals is taken for gone
 
 
@@ -47,7 +49,7 @@ class WorkerConfig:
     device_id: str | None = None
     name: str = ""
     slots: int = 0  # 0: one per CPU
-    prefetch: int | None = None  # tasks held beyond the slots; None: as many as slots
+    prefetch: int | None = None  # tasks held beyond the slots; None: adapt to task length
     max_tasks: int | None = None  # exit after this many finished tasks
     reconnect: bool = True
 
@@ -71,6 +73,7 @@ class Worker:
         self.config = config
         self.slots = config.slots or default_slots()
         self.prefetch = self.slots if config.prefetch is None else config.prefetch
+        self._task_seconds: float | None = None  # moving average of a task's execution time
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
         self.device_id = config.device_id
         self.completed = 0
@@ -221,6 +224,11 @@ class Worker:
 
     def _wanted_credit(self) -> int:
         """Credit to grant now: enough to hold slots + prefetch tasks, within ``max_tasks``."""
+        if self.config.prefetch is None and self._task_seconds is not None:
+            # hold about PREFETCH_SECONDS of work per slot: short tasks never leave a slot
+            # idle while the next one travels, long ones are not hoarded away from others
+            per_slot = int(PREFETCH_SECONDS / max(self._task_seconds, 1e-6))
+            self.prefetch = self.slots * min(MAX_PREFETCH_PER_SLOT, max(1, per_slot))
         held = len(self._tasks)
         want = self.slots + self.prefetch - held - self._unused_credit
         if self.config.max_tasks is not None:
@@ -283,6 +291,10 @@ class Worker:
     def _reply(self, task: p.Task, outcome: Outcome) -> None:
         if outcome.outcome != "abandoned":
             self.completed += 1
+        spent = outcome.stats.get("exec")
+        if isinstance(spent, float):
+            previous = self._task_seconds
+            self._task_seconds = spent if previous is None else 0.8 * previous + 0.2 * spent
         connected = self._proto is not None and self._proto.state is p.State.READY
         credit = self._wanted_credit() if connected else 0
         result = p.Result(
@@ -373,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefetch",
         type=int,
         default=None,
-        help="tasks held beyond the slots (default: as many as slots)",
+        help="tasks held beyond the slots (default: adapts to task length)",
     )
     connect.add_argument("--secret", default=None, help="the server's secret")
     connect.add_argument("--name", default="", help="name shown in stats and logs")
