@@ -144,8 +144,12 @@ class TaskRecord:
     failures: int = 0  # crashes and timeouts
     failed_on: set[str] = field(default_factory=set)
     worker_id: str | None = None
-    sent_at: float = 0.0  # when the current attempt was sent
     sent: list[float] = field(default_factory=list)  # when each attempt was sent
+
+    @property
+    def sent_at(self) -> float:
+        """When the current attempt was sent."""
+        return self.sent[-1] if self.sent else 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -595,7 +599,7 @@ class Scheduler:
             stats = dict(result.stats)
             # the attempt that won may be an earlier one than the task's latest
             attempt = result.attempt if 1 <= result.attempt <= len(task.sent) else task.attempt
-            sent_at = task.sent[attempt - 1] if task.sent else task.sent_at
+            sent_at = task.sent[attempt - 1] if task.sent else now
             stats.update(worker=worker.name, attempt=attempt, round_trip=now - sent_at)
             self._actions.append(
                 ToCreator(
@@ -787,7 +791,6 @@ class Scheduler:
         task.state = TaskState.LEASED
         task.attempt += 1
         task.worker_id = worker.worker_id
-        task.sent_at = now
         task.sent.append(now)
         worker.leased.add(task.task_id)
         worker.credit -= 1
