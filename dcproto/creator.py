@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import inspect
 import logging
 import pickle
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,8 +182,11 @@ class Distribute:
         return type(cls.__name__, (ProjectHandle,), namespace)
 
 
-def pickle_class(cls: type, modules: Sequence[str]) -> bytes:
-    """The class by value, unless workers are told to import its module."""
+@contextlib.contextmanager
+def shipped_by_value(cls: type, modules: Sequence[str]) -> Iterator[None]:
+    """While active, cloudpickle pickles the module of the project class by value (unless the
+    workers are told to import it), so its classes travel with the project's code, items and
+    values alike."""
     module = sys.modules.get(cls.__module__)
     by_value = (
         module is not None
@@ -192,14 +196,21 @@ def pickle_class(cls: type, modules: Sequence[str]) -> bytes:
     if by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
-        return cloudpickle.dumps(cls, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise SerializationError(
-            f"the project class {cls.__name__} cannot be pickled: {exc}"
-        ) from exc
+        yield
     finally:
         if by_value:
             cloudpickle.unregister_pickle_by_value(module)
+
+
+def pickle_class(cls: type, modules: Sequence[str]) -> bytes:
+    """The class by value, unless workers are told to import its module."""
+    with shipped_by_value(cls, modules):
+        try:
+            return cloudpickle.dumps(cls, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise SerializationError(
+                f"the project class {cls.__name__} cannot be pickled: {exc}"
+            ) from exc
 
 
 class _Default:

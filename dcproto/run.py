@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from . import protocol as p
+from .child import PLAIN_TYPES
 from .client import CreatorClient, get_client
 from .errors import (
     ConfigurationError,
@@ -166,6 +167,8 @@ class ProjectRun:
     # ---- feeding tasks -----------------------------------------------------------------------
 
     async def _feed(self) -> None:
+        from .creator import shipped_by_value  # creator imports this module
+
         try:
             iterator: Iterator[Any] = iter(self.spec.iterator)
             if self._skip_items:
@@ -200,7 +203,8 @@ class ProjectRun:
                         if not items:
                             exhausted = True
                             break
-                        blob = pickle_items(items)
+                        with shipped_by_value(self.handle.user_class, self.spec.modules):
+                            blob = pickle_items(items)
                         if len(blob) > limit:
                             raise SerializationError(
                                 f"a task of {len(items)} item(s) pickles to {len(blob)} bytes, "
@@ -449,6 +453,9 @@ def pickle_items(items: list[Any]) -> bytes:
                 f"item {item!r:.200} is not hashable, so it cannot be a key of the results; "
                 "yield tuples or frozensets instead of lists or sets"
             ) from None
+    if all(type(item) in PLAIN_TYPES for item in items):
+        # the C pickler is several times faster, and plain values pickle the same either way
+        return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
     try:
         return cloudpickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:

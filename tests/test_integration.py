@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -1113,6 +1114,27 @@ def test_embedded_default_runs_locally(tmp_path: Path) -> None:
     expected = {x: x + 1 for x in range(50)}
     assert Local().get_results(timeout=RESULT_TIMEOUT) == expected
     assert load_results(out) == expected
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """A class defined in the creator's code: it must travel by value, as items and values."""
+
+    x: int
+    y: int
+
+
+def test_items_and_values_of_the_creators_own_classes() -> None:
+    items = [Point(i, -i) for i in range(12)] + list(range(4))  # plain and custom, mixed tasks
+
+    @Distribute(iterator=items, task_size=3, local_workers=2)
+    class Points:
+        @staticmethod
+        def parallel_func(p):
+            return Point(p.y, p.x) if isinstance(p, Point) else p * 10
+
+    expected = {p: (Point(p.y, p.x) if isinstance(p, Point) else p * 10) for p in items}
+    assert Points().get_results(timeout=RESULT_TIMEOUT) == expected
 
 
 # ---- 18: the command line ------------------------------------------------------------------------
