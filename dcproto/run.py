@@ -148,6 +148,9 @@ class ProjectRun:
             raise ProjectError(f"project {project_id}'s results were already fetched and released")
         if self.handle._writer is not None:
             self.handle._writer.started(project_id)
+        if attached.ended:  # every task is on the server: these are the project's totals
+            self.total_tasks = attached.stored
+            self.total_items = attached.items_stored
         if attached.status == "running" and not attached.ended:
             self._next_seq = attached.stored
             self._skip_items = attached.items_stored
@@ -343,6 +346,16 @@ class ProjectRun:
         stats = dict(message.stats)
         self.handle.stats = stats
         if message.status == "done":
+            if self.tasks_done < stats.get("tasks_done", 0):
+                self._finish(
+                    error=ProjectError(
+                        f"project {self.handle.name} is done on the server, but only "
+                        f"{self.tasks_done} of its {stats['tasks_done']} task results "
+                        "reached this process"
+                    ),
+                    stats=stats,
+                )
+                return
             self._finish(result=self.results, stats=stats)
         elif message.status == "stopped":
             assert message.stop is not None

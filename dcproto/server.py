@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from . import protocol as p
 from . import scheduler as s
@@ -131,6 +132,10 @@ class Server:
         self.scheduler = s.Scheduler()
         self.store = Store(state_dir)
         self._store_failing = False
+        # accepted results and finished projects not committed yet (the disk may be failing):
+        # Attach must see them too; every successful commit clears them
+        self._unsaved_results: dict[str, dict[int, dict[str, Any]]] = {}
+        self._unsaved_finished: dict[str, tuple[p.Finished, int, int]] = {}
         self._last_prune = float("-inf")
         self.connections: dict[str, ServerConnection] = {}
         self.workers: dict[str, ServerConnection] = {}
@@ -200,6 +205,8 @@ class Server:
             if self._store_failing:
                 log.warning("the state database is writable again")
             self._store_failing = False
+            self._unsaved_results.clear()
+            self._unsaved_finished.clear()
 
     def _restore(self) -> None:
         """Take back the running projects of an earlier run from durable state."""
@@ -351,6 +358,22 @@ class Server:
             self._run(actions)
             self._replay(conn, project_id, None)
             return
+        unsaved = self._unsaved_finished.get(project_id)
+        if unsaved is not None:  # finished, but not on disk yet
+            finished, tasks_received, items_received = unsaved
+            conn.send(
+                p.Attached(
+                    ref=attach.ref,
+                    project_id=project_id,
+                    status=finished.status,
+                    stored=tasks_received,
+                    items_stored=items_received,
+                    ended=True,
+                    credit=0,
+                )
+            )
+            self._replay(conn, project_id, finished)
+            return
         if stored is None or stored.status == "running":
             conn.send(
                 p.Attached(
@@ -390,8 +413,13 @@ class Server:
     def _replay(self, conn: ServerConnection, project_id: str, last: p.Message | None) -> None:
         """Send a project's stored results, then ``last``, in this turn: nothing live (a new
         result, or Finished) can overtake them. The creator drops seqs it already has."""
+        replayed = set()
         for message in self.store.results(project_id):
+            replayed.add(message["seq"])
             conn.send(p.TaskDone(project_id=project_id, **message))
+        for seq, message in self._unsaved_results.get(project_id, {}).items():
+            if seq not in replayed:
+                conn.send(p.TaskDone(project_id=project_id, **message))
         if last is not None:
             conn.send(last)
 
@@ -420,18 +448,17 @@ class Server:
                     self.store.tasks_added(project_id, tasks)
                 case s.ToCreator(creator_id, message):
                     if isinstance(message, p.TaskDone):
-                        self.store.task_done(
-                            message.project_id,
-                            message.seq,
-                            {
-                                "seq": message.seq,
-                                "payload": message.payload,
-                                "n_items": message.n_items,
-                                "n_kept": message.n_kept,
-                                "files": message.files,
-                                "stats": message.stats,
-                            },
-                        )
+                        record = {
+                            "seq": message.seq,
+                            "payload": message.payload,
+                            "n_items": message.n_items,
+                            "n_kept": message.n_kept,
+                            "files": message.files,
+                            "stats": message.stats,
+                        }
+                        self.store.task_done(message.project_id, message.seq, record)
+                        unsaved = self._unsaved_results.setdefault(message.project_id, {})
+                        unsaved.setdefault(message.seq, record)
                     conn = self.creators.get(creator_id or "")
                     if conn is not None:
                         conn.send(message)
@@ -441,6 +468,13 @@ class Server:
 
     def _finished(self, message: p.Finished) -> None:
         log.info("project %s %s", message.project_id, message.status)
+        project = self.scheduler.projects.get(message.project_id)
+        if project is not None:
+            self._unsaved_finished[message.project_id] = (
+                message,
+                project.tasks_received,
+                project.items_received,
+            )
         self.store.project_finished(
             message.project_id,
             message.status,
@@ -555,6 +589,11 @@ async def serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"dcproto-server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
+    # before the banner: whoever sees it may stop us at once, and must get a clean stop
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     print(f"dcproto server listening on {host}:{port}", flush=True)
     print(f"state dir: {state_dir}", flush=True)
     print(
@@ -562,10 +601,6 @@ async def serve(args: argparse.Namespace) -> int:
         f"--secret {secret}",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("shutting down")
     await server.stop()

@@ -154,6 +154,10 @@ class Store:
             # NORMAL: a commit survives a process crash; only power loss can undo the last ones
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
+            # SQLite silently falls back to read-only when it cannot open the file for writing
+            # (e.g. a read-only mount holding the WAL files of a crashed server): a write that
+            # changes nothing fails then
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise StateError(f"cannot open the state database in {state_dir}: {exc}") from exc
         except OSError as exc:
