@@ -357,6 +357,7 @@ class CreatorClient:
 
 
 _clients: dict[tuple[str, int, str], CreatorClient] = {}
+_client_locks: dict[tuple[str, int, str], asyncio.Lock] = {}
 
 
 async def get_client(
@@ -364,12 +365,15 @@ async def get_client(
 ) -> CreatorClient:
     """The shared, connected client for that server (a new one if the last gave up)."""
     key = (host, port, secret)
-    client = _clients.get(key)
-    if client is not None and not client.closed and not client.connected.is_set():
-        await client.connected.wait()  # reconnecting: wait for it (bounded by its timeout)
-    if client is None or client.closed:
-        client = CreatorClient(host, port, secret, reconnect_timeout=reconnect_timeout)
-        await client.connect()
+    # one connection per server even when several projects start at once
+    lock = _client_locks.setdefault(key, asyncio.Lock())
+    async with lock:
+        client = _clients.get(key)
+        if client is not None and not client.closed and not client.connected.is_set():
+            await client.connected.wait()  # reconnecting: wait for it (bounded by its timeout)
+        if client is None or client.closed:
+            client = CreatorClient(host, port, secret, reconnect_timeout=reconnect_timeout)
+            await client.connect()
         if not _clients:
             on_shutdown(_close_clients)
         _clients[key] = client

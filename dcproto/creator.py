@@ -9,6 +9,7 @@ loop, only as fast as the server grants credit. ``await project.results()`` and
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -16,6 +17,7 @@ import inspect
 import logging
 import pickle
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,24 +184,36 @@ class Distribute:
         return type(cls.__name__, (ProjectHandle,), namespace)
 
 
+_by_value_lock = threading.Lock()
+_by_value_users: collections.Counter[str] = collections.Counter()
+
+
 @contextlib.contextmanager
 def shipped_by_value(cls: type, modules: Sequence[str]) -> Iterator[None]:
     """While active, cloudpickle pickles the module of the project class by value (unless the
     workers are told to import it), so its classes travel with the project's code, items and
-    values alike."""
-    module = sys.modules.get(cls.__module__)
-    by_value = (
-        module is not None
-        and cls.__module__ != "__main__"
-        and (cls.__module__.split(".")[0] not in {m.split(".")[0] for m in modules})
-    )
-    if by_value:
-        cloudpickle.register_pickle_by_value(module)
+    values alike. Safe across threads: the module stays registered while anyone needs it."""
+    name = cls.__module__
+    module = sys.modules.get(name)
+    if (
+        module is None
+        or name == "__main__"
+        or name.split(".")[0] in {m.split(".")[0] for m in modules}
+    ):
+        yield
+        return
+    with _by_value_lock:
+        _by_value_users[name] += 1
+        if _by_value_users[name] == 1:
+            cloudpickle.register_pickle_by_value(module)
     try:
         yield
     finally:
-        if by_value:
-            cloudpickle.unregister_pickle_by_value(module)
+        with _by_value_lock:
+            _by_value_users[name] -= 1
+            if _by_value_users[name] == 0:
+                del _by_value_users[name]
+                cloudpickle.unregister_pickle_by_value(module)
 
 
 def pickle_class(cls: type, modules: Sequence[str]) -> bytes:

@@ -34,6 +34,7 @@ DEFAULT_PORT = 8080
 DEFAULT_HEARTBEAT = 5.0
 SILENCE_FACTOR = 3  # a peer silent for this many heartbeat intervals is considered gone
 HANDSHAKE_TIMEOUT = 10.0
+MIN_TIMER_INTERVAL = 0.02
 MAX_WRITE_BUFFER = 256 * 1024 * 1024  # a peer that stops reading is cut off past this
 DEFAULT_KEEP_FINISHED = 7 * 24 * 3600.0  # seconds a finished project's record is kept
 PRUNE_INTERVAL = 3600.0
@@ -145,7 +146,7 @@ class Server:
         self._flush_scheduled = False
         self._server: asyncio.base_events.Server | None = None
         self._timer: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
         self.address: tuple[str, int] | None = None
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -165,10 +166,10 @@ class Server:
         for conn in list(self.connections.values()):
             conn.send(p.Goodbye(reason=reason))
             conn.flush()
+        self._stopping.set()
         if self._timer is not None:
+            await asyncio.wait({self._timer}, timeout=5)
             self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
         for conn in list(self.connections.values()):
             if conn.transport is not None:
                 conn.transport.close()
@@ -464,7 +465,6 @@ class Server:
                         conn.send(message)
                     if isinstance(message, p.Finished):
                         self._finished(message)
-        self._wake.set()
 
     def _finished(self, message: p.Finished) -> None:
         log.info("project %s %s", message.project_id, message.status)
@@ -493,13 +493,20 @@ class Server:
             if now - self._last_prune > PRUNE_INTERVAL:
                 self._last_prune = now
                 self.store.prune(self.keep_finished)
-            self._wake.clear()
+            # Leases are checked a few times per the shortest lease, not on every event: an
+            # expiry is noticed at most a quarter of a lease late, at a fixed small cost.
             wait = self.heartbeat / 2
-            deadline = self.scheduler.next_deadline()
-            if deadline is not None:
-                wait = max(0.01, min(wait, deadline - time.monotonic() + 0.001))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            for project in self.scheduler.projects.values():
+                wait = min(wait, project.options["lease_timeout"] / 4)
+            wait = max(MIN_TIMER_INTERVAL, wait)
+            # not wait_for: on Python 3.11 it can swallow the cancellation stop() sends
+            waiter = asyncio.ensure_future(self._stopping.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=wait)
+            finally:
+                waiter.cancel()
+            if self._stopping.is_set():
+                return
 
     def _check_liveness(self, now: float) -> None:
         silence_limit = self.heartbeat * SILENCE_FACTOR
