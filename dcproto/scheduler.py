@@ -558,8 +558,15 @@ class Scheduler:
                 self._ready[worker.worker_id] = None
 
     def _window(self) -> int:
-        """Queued tasks a project may have: enough to refill every worker's prefetch twice."""
-        return max(MIN_WINDOW, 4 * self._total_slots, 2 * self._total_capacity)
+        """Queued tasks a project may have: between them, the projects still being fed hold
+        enough to refill every worker's prefetch twice. More would only add queueing delay."""
+        feeding = sum(
+            1
+            for p in self.projects.values()
+            if p.status == "running" and p.total_tasks is None and p.creator_id is not None
+        )
+        total = max(4 * self._total_slots, 2 * self._total_capacity)
+        return max(MIN_WINDOW, total // max(1, feeding))
 
     def _requeue(self, task: TaskRecord, *, reissue: bool, retry: bool = False) -> None:
         project = self.projects[task.project_id]
