@@ -498,6 +498,9 @@ class Server:
             wait = self.heartbeat / 2
             for project in self.scheduler.projects.values():
                 wait = min(wait, project.options["lease_timeout"] / 4)
+            deadline = self.scheduler.next_deadline()
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
             wait = max(MIN_TIMER_INTERVAL, wait)
             # not wait_for: on Python 3.11 it can swallow the cancellation stop() sends
             waiter = asyncio.ensure_future(self._stopping.wait())
