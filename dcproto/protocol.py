@@ -350,9 +350,9 @@ class Attach(Message):
 @_msg
 class Attached(Message):
     """Server -> creator: the state of an attached project. ``status`` is ``running``, a
-    Finished status, or ``unknown``. ``stored``/``items_stored`` count the tasks and items
-    on disk: a creator still feeding resumes at seq ``stored``; ``ended`` tells whether End
-    was stored."""
+    Finished status, ``released`` (its results were already released) or ``unknown``.
+    ``stored``/``items_stored`` count the tasks and items on disk: a creator still feeding
+    resumes at seq ``stored``; ``ended`` tells whether End was stored."""
 
     TYPE = 30
     ref: int

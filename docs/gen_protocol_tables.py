@@ -119,7 +119,7 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Attach", "project_id"): "The project to re-attach to.",
     ("Attached", "ref"): "The `ref` of the Attach.",
     ("Attached", "project_id"): "The project.",
-    ("Attached", "status"): "`running`, a Finished status, or `unknown` (no such project).",
+    ("Attached", "status"): "`running`, a Finished status, `released` or `unknown`.",
     ("Attached", "stored"): "Tasks durably stored (seqs `0 .. stored-1`); feeding resumes here.",
     ("Attached", "items_stored"): "Items in those tasks.",
     ("Attached", "ended"): "Whether the project's End is stored.",
