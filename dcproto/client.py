@@ -26,7 +26,6 @@ from .errors import AuthenticationFailed, ConnectionFailed
 log = logging.getLogger("dcproto.client")
 
 CONNECT_TIMEOUT = 10.0
-SILENCE_FACTOR = 3  # a server silent for this many heartbeat intervals is taken for gone
 T = TypeVar("T")
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -144,6 +143,29 @@ async def open_session(
     return reader, writer, proto, welcome
 
 
+async def keep_alive(
+    interval: float,
+    *,
+    last_sent: Callable[[], float],
+    last_received: Callable[[], float],
+    heartbeat: Callable[[], object],
+    abort: Callable[[], None],
+) -> None:
+    """A client's side of liveness: send a heartbeat when idle, so the server does not take
+    us for gone, and ``abort()`` the connection once the server has been silent for
+    SILENCE_FACTOR intervals (a half-open connection). Returns after aborting."""
+    while True:
+        await asyncio.sleep(interval / 2)
+        now = time.monotonic()
+        silent = now - last_received()
+        if silent > p.SILENCE_FACTOR * interval:
+            log.warning("the server has been silent for %.1f s; dropping the connection", silent)
+            abort()
+            return
+        if now - last_sent() >= interval / 2:
+            heartbeat()
+
+
 def backoff_delays(start: float = 0.1, cap: float = 5.0) -> Iterator[float]:
     """Capped exponential backoff with jitter (0.5x to 1.5x), forever."""
     delay = start
@@ -204,18 +226,21 @@ class CreatorClient:
         ]
 
     async def _heartbeats(self) -> None:
-        """Keep the server from taking us for gone, and notice a server gone silent."""
-        while True:
-            await asyncio.sleep(self.heartbeat_interval / 2)
-            now = time.monotonic()
-            if now - self._last_received > SILENCE_FACTOR * self.heartbeat_interval:
-                log.warning("the server has been silent too long; reconnecting")
-                if self._writer is not None:
-                    self._writer.transport.abort()
-                return
-            if now - self._last_sent >= self.heartbeat_interval / 2:
-                with contextlib.suppress(ConnectionFailed):
-                    self.send(p.Heartbeat())
+        def heartbeat() -> None:
+            with contextlib.suppress(ConnectionFailed):
+                self.send(p.Heartbeat())
+
+        def abort() -> None:
+            if self._writer is not None:
+                self._writer.transport.abort()  # the read loop then reconnects
+
+        await keep_alive(
+            self.heartbeat_interval,
+            last_sent=lambda: self._last_sent,
+            last_received=lambda: self._last_received,
+            heartbeat=heartbeat,
+            abort=abort,
+        )
 
     def send(self, message: p.Message) -> None:
         """Queue ``message``; raises ConnectionFailed while disconnected."""

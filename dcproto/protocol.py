@@ -37,6 +37,8 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 HANDSHAKE_MAX_FRAME = 64 * 1024
 MIN_MAX_FRAME = HANDSHAKE_MAX_FRAME  # a peer may not announce a smaller limit than this
 MIN_NONCE = 16
+#: A peer silent for this many heartbeat intervals is taken for gone, by either side.
+SILENCE_FACTOR = 3
 
 ROLES = ("worker", "creator")
 RESULT_OUTCOMES = ("ok", "stop", "error", "crash", "timeout", "abandoned", "load_error")

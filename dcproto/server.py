@@ -32,7 +32,6 @@ SECRET_ENV = "DCPROTO_SECRET"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_HEARTBEAT = 5.0
-SILENCE_FACTOR = 3  # a peer silent for this many heartbeat intervals is considered gone
 HANDSHAKE_TIMEOUT = 10.0
 MIN_TIMER_INTERVAL = 0.02
 MAX_WRITE_BUFFER = 256 * 1024 * 1024  # a peer that stops reading is cut off past this
@@ -512,7 +511,7 @@ class Server:
                 return
 
     def _check_liveness(self, now: float) -> None:
-        silence_limit = self.heartbeat * SILENCE_FACTOR
+        silence_limit = self.heartbeat * p.SILENCE_FACTOR
         for conn in list(self.connections.values()):
             if conn.role is None:
                 if now - conn.opened_at > HANDSHAKE_TIMEOUT:

@@ -20,7 +20,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 
 from . import protocol as p
-from .client import backoff_delays, open_session
+from .client import backoff_delays, keep_alive, open_session
 from .errors import (
     AuthenticationFailed,
     ConnectionFailed,
@@ -38,7 +38,6 @@ MAX_CACHED_PROJECTS = 64
 MAX_OUTBOX = 10_000  # results kept for delivery while disconnected
 PREFETCH_SECONDS = 0.02  # work to hold per slot beyond the running task, when adapting
 MAX_PREFETCH_PER_SLOT = 32
-SILENCE_FACTOR = 3  # a server silent for this many heartbeat intervals is taken for gone
 
 
 @dataclass(kw_only=True)
@@ -186,17 +185,17 @@ class Worker:
                 await writer.wait_closed()
 
     async def _heartbeats(self, interval: float) -> None:
-        """Heartbeat when idle, and drop a connection whose server went silent (half-open)."""
-        while True:
-            await asyncio.sleep(interval / 2)
-            now = time.monotonic()
-            if now - self._last_received > SILENCE_FACTOR * interval:
-                log.warning("the server has been silent for %.1f s", now - self._last_received)
-                if self._writer is not None:
-                    self._writer.transport.abort()
-                return
-            if now - self._last_sent >= interval / 2:
-                self._send(p.Heartbeat())
+        def abort() -> None:
+            if self._writer is not None:
+                self._writer.transport.abort()  # the session ends and the worker reconnects
+
+        await keep_alive(
+            interval,
+            last_sent=lambda: self._last_sent,
+            last_received=lambda: self._last_received,
+            heartbeat=lambda: self._send(p.Heartbeat()),
+            abort=abort,
+        )
 
     def _flush(self) -> None:
         if self._proto is None or self._writer is None:
