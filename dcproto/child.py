@@ -87,14 +87,14 @@ def _error_info(item: Any, exc: BaseException) -> dict[str, Any]:
     }
 
 
-def _pickle_pairs(pairs: list[tuple[Any, Any]]) -> bytes:
-    if all(type(item) in PLAIN_TYPES and type(value) in PLAIN_TYPES for item, value in pairs):
+def _pickle_kept(kept: dict[Any, Any]) -> bytes:
+    if PLAIN_TYPES.issuperset(map(type, kept)) and PLAIN_TYPES.issuperset(map(type, kept.values())):
         # the C pickler is several times faster, and plain values pickle the same either way
-        return pickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL)
     try:
-        return cloudpickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL)
+        return cloudpickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        for item, value in pairs:  # find the culprit, to name it in the error
+        for item, value in kept.items():  # find the culprit, to name it in the error
             try:
                 cloudpickle.dumps((item, value))
             except Exception as inner:
@@ -108,13 +108,14 @@ class _ValueError(Exception):
         self.item = item
 
 
-def _has_files(output_dir: Path) -> bool:
-    """One cheap syscall for the common case of a task that wrote nothing."""
+def _left_behind(output_dir: Path) -> bool:
+    """Whether the task left files in its output dir (or removed the dir): one cheap syscall
+    for the common case of a task that wrote nothing."""
     try:
         with os.scandir(output_dir) as entries:
             return next(entries, None) is not None
     except FileNotFoundError:
-        return False
+        return True
 
 
 def _empty(output_dir: Path) -> None:
@@ -146,7 +147,8 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
     if project.error is not None:
         return ["load_error", b"", 0, 0, {"message": project.error}, {}, []]
     run_time = 0.0
-    pairs: list[tuple[Any, Any]] = []
+    kept: dict[Any, Any] = {}
+    left_behind: bool | None = None  # unknown until the task has run
     outcome = "ok"
     error: dict[str, Any] | None = None
     errors: list[dict[str, Any]] = []
@@ -157,7 +159,6 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
         _abandonable = True
         items = pickle.loads(items_blob)
         parallel, stop, only_if = project.parallel, project.stop, project.only_if
-        keep_pair = pairs.append
         loop_started = time.perf_counter()
         # the loop is timed as a whole: two clock reads per item cost more than x + 1 does
         for item in items:
@@ -166,10 +167,10 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
                 value = parallel(item)
                 if stop is not None and stop(value):
                     outcome = "stop"
-                    pairs = [(item, value)]
+                    kept = {item: value}
                     break
                 if only_if is None or only_if(value):
-                    keep_pair((item, value))
+                    kept[item] = value
             except TaskAbandoned:
                 raise
             except BaseException as exc:
@@ -184,13 +185,15 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
             payload = b""
         else:
             try:
-                payload = _pickle_pairs(pairs)
+                payload = _pickle_kept(kept)
             except _ValueError as exc:
                 outcome, payload = "error", b""
                 error = _error_info(exc.item, exc)
                 error["reason"] = "unpicklable"
-        if outcome != "error" and _has_files(output_dir):
-            files = _collect_files(output_dir)
+        if outcome != "error":
+            left_behind = _left_behind(output_dir)
+            if left_behind:
+                files = _collect_files(output_dir)
         _abandonable = False
     except TaskAbandoned:
         _abandonable = False
@@ -200,13 +203,13 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
         return ["error", b"", n_items, 0, _error_info(None, exc), {}, []]
     finally:
         _abandonable = False
-        if _has_files(output_dir) or not output_dir.is_dir():
+        if left_behind is not False and (left_behind or _left_behind(output_dir)):
             _empty(output_dir)
     stats = {"run": run_time, "exec": time.perf_counter() - started}
     if n_errors:
         stats["errors"] = errors
         stats["n_errors"] = n_errors
-    n_kept = len(pairs) if outcome != "error" else 0
+    n_kept = len(kept) if outcome != "error" else 0
     return [outcome, payload, n_items, n_kept, error, stats, files]
 
 

@@ -289,7 +289,7 @@ class More(Message):
 
 @_msg
 class TaskDone(Message):
-    """Server -> creator: one task's kept results (opaque pickled pairs) and its files."""
+    """Server -> creator: one task's kept results (an opaque pickled dict) and its files."""
 
     TYPE = 25
     project_id: str

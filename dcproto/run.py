@@ -327,8 +327,7 @@ class ProjectRun:
     def _task_done(self, message: p.TaskDone) -> None:
         if not self.seen.add(message.seq):
             return  # replayed after a re-attach: already counted
-        pairs = unpickle(message.payload, "the results of a task")
-        self.results.update(pairs)
+        self.results.update(unpickle(message.payload, "the results of a task"))
         self.tasks_done += 1
         self.items_done += message.n_items
         self.items_kept += message.n_kept
@@ -360,7 +359,7 @@ class ProjectRun:
         elif message.status == "stopped":
             assert message.stop is not None
             _, payload = message.stop
-            stopped = dict(unpickle(payload, "the stopping result"))
+            stopped = unpickle(payload, "the stopping result")
             self._finish(result=stopped, stats=stats, status="stopped")
         elif message.status == "cancelled":
             self._finish(error=ProjectCancelled(f"project {self.handle.name} was cancelled"))
@@ -458,6 +457,10 @@ class ProjectRun:
 
 
 def pickle_items(items: list[Any]) -> bytes:
+    if PLAIN_TYPES.issuperset(map(type, items)):
+        # all hashable; and the C pickler is several times faster, and plain values pickle
+        # the same either way
+        return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
     for item in items:
         try:
             hash(item)
@@ -466,16 +469,13 @@ def pickle_items(items: list[Any]) -> bytes:
                 f"item {item!r:.200} is not hashable, so it cannot be a key of the results; "
                 "yield tuples or frozensets instead of lists or sets"
             ) from None
-    if all(type(item) in PLAIN_TYPES for item in items):
-        # the C pickler is several times faster, and plain values pickle the same either way
-        return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
     try:
         return cloudpickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         raise SerializationError(f"an item cannot be pickled: {exc}") from exc
 
 
-def unpickle(payload: bytes, what: str) -> list[tuple[Any, Any]]:
+def unpickle(payload: bytes, what: str) -> dict[Any, Any]:
     try:
         return cloudpickle.loads(payload)
     except Exception as exc:

@@ -73,7 +73,9 @@ async def run(runner: Runner, project: p.Project, items: list[Any]) -> Outcome:
 
 
 def pairs(outcome: Outcome) -> list[tuple[Any, Any]]:
-    return pickle.loads(outcome.payload)
+    kept = pickle.loads(outcome.payload)
+    assert type(kept) is dict
+    return list(kept.items())
 
 
 async def wait_for_file(path: Path, limit: float = 10.0) -> None:
