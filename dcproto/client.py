@@ -201,6 +201,7 @@ class CreatorClient:
         self.listeners: dict[str, ProjectListener] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._last_sent = self._last_received = 0.0
+        self._flush_scheduled = False
         self.heartbeat_interval = 5.0
         self.connected = asyncio.Event()
         self.closed = False  # for good: no reconnect
@@ -243,16 +244,24 @@ class CreatorClient:
         )
 
     def send(self, message: p.Message) -> None:
-        """Queue ``message``; raises ConnectionFailed while disconnected."""
+        """Queue ``message``; raises ConnectionFailed while disconnected. What is queued in
+        one loop turn goes out in one write (a Submit with its first tasks, say)."""
         if not self.connected.is_set() or self.proto.state is not p.State.READY:
             raise ConnectionFailed("not connected to the server")
         self.proto.send(message)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
         data = self.proto.data_to_send()
-        if data and self._writer is not None:
+        if data and self._writer is not None and self.connected.is_set():
             self._writer.write(data)
             self._last_sent = time.monotonic()
 
     async def drain(self) -> None:
+        self.flush()
         if self._writer is not None and self.connected.is_set():
             with contextlib.suppress(ConnectionError):
                 await self._writer.drain()
@@ -269,12 +278,6 @@ class CreatorClient:
 
     def next_ref(self) -> int:
         return next(self._refs)
-
-    async def submit(self, submit_fields: dict[str, Any]) -> p.Accepted:
-        ref = self.next_ref()
-        reply = await self.request(p.Submit(ref=ref, **submit_fields), ref)
-        assert isinstance(reply, p.Accepted)
-        return reply
 
     async def attach(self, project_id: str) -> p.Attached:
         ref = self.next_ref()
@@ -372,6 +375,7 @@ class CreatorClient:
 
     async def close(self) -> None:
         self.closed = True
+        self.flush()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

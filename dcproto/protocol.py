@@ -22,6 +22,7 @@ import enum
 import hashlib
 import hmac
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,7 +31,7 @@ import msgpack
 
 from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: creator-chosen project ids, INITIAL_CREDIT
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 #: The handshake happens before the peer is authenticated, so it gets a much smaller limit.
@@ -39,6 +40,9 @@ MIN_MAX_FRAME = HANDSHAKE_MAX_FRAME  # a peer may not announce a smaller limit t
 MIN_NONCE = 16
 #: A peer silent for this many heartbeat intervals is taken for gone, by either side.
 SILENCE_FACTOR = 3
+# tasks a creator may send right behind its Submit, so a project starts without a round trip
+INITIAL_CREDIT = 32
+PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 ROLES = ("worker", "creator")
 RESULT_OUTCOMES = ("ok", "stop", "error", "crash", "timeout", "abandoned", "load_error")
@@ -223,10 +227,11 @@ class Abandon(Message):
 
 @_msg
 class Submit(Message):
-    """Creator -> server: a new project. ``ref`` pairs it with its :class:`Accepted`."""
+    """Creator -> server: a new project, under an id the creator chose. The creator may send
+    up to ``INITIAL_CREDIT`` tasks right behind it, without waiting for :class:`Accepted`."""
 
     TYPE = 20
-    ref: int
+    project_id: str
     name: str
     code: bytes
     modules: list[str]
@@ -235,13 +240,17 @@ class Submit(Message):
     only_if: str | None
     options: dict[str, Any]
 
+    def _validate(self) -> None:
+        if not PROJECT_ID.fullmatch(self.project_id):
+            raise ValueError("project_id must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-'")
+
 
 @_msg
 class Accepted(Message):
-    """Server -> creator: the project's id, and how many tasks the creator may send now."""
+    """Server -> creator: the project is registered (and stored); ``credit`` tasks more may
+    be sent on top of the ``INITIAL_CREDIT`` the Submit came with."""
 
     TYPE = 21
-    ref: int
     project_id: str
     credit: int
 

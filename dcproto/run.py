@@ -15,6 +15,7 @@ import itertools
 import logging
 import pickle
 import time
+import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,7 @@ class ProjectRun:
         self._next_seq = 0
         self._skip_items = 0  # items already on the server when resuming from another process
         self.submitted_at = time.time()
+        self.accepted = False  # the server has stored the Submit
         self.finished = False
 
     # ---- starting --------------------------------------------------------------------------
@@ -110,29 +112,42 @@ class ProjectRun:
             )
 
     async def start(self) -> None:
-        """Submit the project and start feeding its tasks."""
+        """Submit the project and start feeding its tasks at once: the id is ours, and the
+        first ``INITIAL_CREDIT`` tasks may follow the Submit before the server answers."""
         await self._connect()
-        assert self.client is not None
+        self._begin(uuid.uuid4().hex)
+        if self.handle._writer is not None:
+            assert self.project_id is not None
+            self.handle._writer.started(self.project_id)
+        self.credit = p.INITIAL_CREDIT
+        # the feeder's first step runs before the client's flush: Submit and the first tasks
+        # leave in one write
+        self._feeder = asyncio.create_task(self._feed())
+        try:
+            self._submit()
+        except ConnectionFailed:
+            self._feeder.cancel()
+            self._forget_listener()
+            raise
+
+    def _submit(self) -> None:
+        assert self.client is not None and self.project_id is not None
         spec = self.spec
         options = dict(spec.options)
         if spec.user_name is None:
             options["fail_when_unrunnable"] = True
-        accepted = await self.client.submit(
-            {
-                "name": self.handle.name,
-                "code": self.code,
-                "modules": list(spec.modules),
-                "parallel": spec.parallel_func,
-                "stop": spec.stop_func,
-                "only_if": spec.only_if_func,
-                "options": options,
-            }
+        self.client.send(
+            p.Submit(
+                project_id=self.project_id,
+                name=self.handle.name,
+                code=self.code,
+                modules=list(spec.modules),
+                parallel=spec.parallel_func,
+                stop=spec.stop_func,
+                only_if=spec.only_if_func,
+                options=options,
+            )
         )
-        self._begin(accepted.project_id)
-        if self.handle._writer is not None:
-            self.handle._writer.started(accepted.project_id)
-        self.credit = accepted.credit
-        self._feeder = asyncio.create_task(self._feed())
 
     async def start_attached(self, project_id: str) -> None:
         """Re-attach to a project from a new process; resume feeding if it still needs it."""
@@ -146,6 +161,7 @@ class ProjectRun:
         if attached.status == "released":
             self._forget_listener()
             raise ProjectError(f"project {project_id}'s results were already fetched and released")
+        self.accepted = True
         if self.handle._writer is not None:
             self.handle._writer.started(project_id)
         if attached.ended:  # every task is on the server: these are the project's totals
@@ -285,6 +301,18 @@ class ProjectRun:
             attached = await self.client.attach(self.project_id)
         except ConnectionFailed:
             return  # disconnected again; the next reconnect tries again
+        if attached.status == "unknown" and not self.accepted:
+            # the Submit never made it to the server's disk: submit again, with every task
+            # sent so far (none can have been stored without the Submit)
+            log.info(
+                "project %s was not stored before the reconnect; submitting again", self.handle.name
+            )
+            resend = list(self._unstored)
+            self._submit()
+            self.credit = p.INITIAL_CREDIT - len(resend)
+            self._send_tasks(resend)
+            self._credit_event.set()
+            return
         if attached.status in ("unknown", "released"):
             self._finish(
                 error=ProjectError(f"the server lost project {self.project_id} ({attached.status})")
@@ -309,6 +337,10 @@ class ProjectRun:
             return
         try:
             match message:
+                case p.Accepted():
+                    self.accepted = True
+                    self.credit += message.credit
+                    self._credit_event.set()
                 case p.More():
                     self._stored(message.stored)
                     self.credit += message.credit

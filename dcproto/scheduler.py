@@ -62,7 +62,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "errors": "raise",  # an exception in user code: "raise" fails the project, "skip" drops it
     "fail_when_unrunnable": False,  # fail at once when no connected worker can run the project
 }
-MIN_WINDOW = 32  # queued tasks per project the server accepts even with no worker yet
+MIN_WINDOW = p.INITIAL_CREDIT  # queued tasks per project accepted even with no worker yet
 
 
 def normalize_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -345,28 +345,26 @@ class Scheduler:
 
     # ---- creators ----------------------------------------------------------------------------
 
-    def submit(
-        self,
-        creator_id: str | None,
-        project_id: str,
-        submit: p.Submit,
-        now: float,
-    ) -> list[Action]:
-        """Register a project; the creator is granted its first credit. Raises ValueError."""
-        project = self._register(creator_id, project_id, submit, now)
-        project.credit_outstanding = self._window()
+    def submit(self, creator_id: str | None, submit: p.Submit, now: float) -> list[Action]:
+        """Register a project. Its creator came with ``INITIAL_CREDIT`` and is granted the rest
+        of its window. Raises ValueError (bad options, an id in use)."""
+        project = self._register(creator_id, submit.project_id, submit, now)
+        project.credit_outstanding = max(self._window(), p.INITIAL_CREDIT)
         self._actions.append(
             ToCreator(
                 creator_id,
                 p.Accepted(
-                    ref=submit.ref, project_id=project_id, credit=project.credit_outstanding
+                    project_id=project.project_id,
+                    credit=project.credit_outstanding - p.INITIAL_CREDIT,
                 ),
             )
         )
         if not self.workers:
             text = "no worker is connected yet; the project waits for one"
             self._actions.append(
-                ToCreator(creator_id, p.Notice(project_id=project_id, level="info", text=text))
+                ToCreator(
+                    creator_id, p.Notice(project_id=project.project_id, level="info", text=text)
+                )
             )
         return self._flush(now)
 

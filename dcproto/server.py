@@ -215,7 +215,7 @@ class Server:
         for stored in self.store.running_projects():
             spec = stored.spec
             submit = p.Submit(
-                ref=0,
+                project_id=stored.project_id,
                 name=stored.name,
                 code=stored.code,
                 modules=list(spec.get("modules", [])),
@@ -319,20 +319,14 @@ class Server:
             self.creators[conn.conn_id] = conn
 
     def _submit(self, conn: ServerConnection, submit: p.Submit, now: float) -> None:
-        project_id = uuid.uuid4().hex
+        project_id = submit.project_id
+        if project_id in self.scheduler.projects or self.store.project(project_id) is not None:
+            self._refuse(conn, project_id, "duplicate_id", f"project id {project_id} is in use")
+            return
         try:
-            actions = self.scheduler.submit(conn.conn_id, project_id, submit, now)
+            actions = self.scheduler.submit(conn.conn_id, submit, now)
         except ValueError as exc:
-            conn.send(p.Accepted(ref=submit.ref, project_id=project_id, credit=0))
-            conn.send(
-                p.Finished(
-                    project_id=project_id,
-                    status="failed",
-                    error={"reason": "bad_options", "message": str(exc)},
-                    stop=None,
-                    stats={},
-                )
-            )
+            self._refuse(conn, project_id, "bad_options", str(exc))
             return
         spec = {
             "modules": submit.modules,
@@ -346,6 +340,20 @@ class Server:
         )
         log.info("project %s (%s) submitted by %s", project_id, submit.name, conn.name)
         self._run(actions)
+
+    def _refuse(self, conn: ServerConnection, project_id: str, reason: str, text: str) -> None:
+        """A Submit not taken: Accepted of credit 0, then Finished ``failed``; the tasks the
+        creator sent behind the Submit are dropped as tasks of an unknown project."""
+        conn.send(p.Accepted(project_id=project_id, credit=0))
+        conn.send(
+            p.Finished(
+                project_id=project_id,
+                status="failed",
+                error={"reason": reason, "message": text},
+                stop=None,
+                stats={},
+            )
+        )
 
     def _attach(self, conn: ServerConnection, attach: p.Attach, now: float) -> None:
         """Re-attach a creator: the project's state, then every stored result, then Finished

@@ -80,7 +80,7 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Result", "files"): "Extra output files, each `[name: str, data: bin]`.",
     ("Result", "credit"): "Credit handed back with this result (0 = none).",
     ("Abandon", "task_ids"): "Tasks to stop; each is still answered by one Result.",
-    ("Submit", "ref"): "Creator-chosen number, echoed in Accepted.",
+    ("Submit", "project_id"): "Creator-chosen id (a random UUID's hex), unique on the server.",
     ("Submit", "name"): "Project name, for logs and notices.",
     ("Submit", "code"): "The pickled project class (opaque to the server).",
     ("Submit", "modules"): "Modules a worker must import before unpickling `code`.",
@@ -88,9 +88,8 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Submit", "stop"): "Name of the stop-condition method, or nil.",
     ("Submit", "only_if"): "Name of the filter method, or nil.",
     ("Submit", "options"): "Project options (string keys; see the server docs).",
-    ("Accepted", "ref"): "The `ref` of the Submit answered.",
-    ("Accepted", "project_id"): "Server-assigned project id.",
-    ("Accepted", "credit"): "Tasks the creator may send now.",
+    ("Accepted", "project_id"): "The project accepted.",
+    ("Accepted", "credit"): "Tasks the creator may send on top of `INITIAL_CREDIT`.",
     ("Tasks", "project_id"): "The project.",
     ("Tasks", "tasks"): "Entries `[seq: int, items: bin, n_items: int]`; `seq` numbers tasks.",
     ("End", "project_id"): "The project.",
@@ -146,6 +145,7 @@ VALIDATION: dict[str, list[str]] = {
         "`credit` >= 0",
         _FILES_RULE,
     ],
+    "Submit": ["`project_id` is 1 to 64 characters of `A-Z a-z 0-9 _ -`"],
     "Tasks": ["each `tasks` entry is a 3-element array `[int, bin, int]`"],
     "TaskDone": [_FILES_RULE],
     "Finished": [f"`status` is one of {_one_of(p.PROJECT_STATUSES)}"],
@@ -242,6 +242,7 @@ def render() -> str:
     add(f"| frame header | {p.HEADER.size} bytes, big-endian unsigned (`{p.HEADER.format}`) |")
     add(f"| `HANDSHAKE_MAX_FRAME` | {p.HANDSHAKE_MAX_FRAME} bytes |")
     add(f"| `DEFAULT_MAX_FRAME` | {p.DEFAULT_MAX_FRAME} bytes |")
+    add(f"| `INITIAL_CREDIT` | {p.INITIAL_CREDIT} tasks a creator may send right behind a Submit |")
     add(f"| roles | {_one_of(p.ROLES)} |")
     add(f"| Result outcomes | {_one_of(p.RESULT_OUTCOMES)} |")
     add(f"| project statuses | {_one_of(p.PROJECT_STATUSES)} |")

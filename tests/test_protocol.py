@@ -156,7 +156,7 @@ SAMPLES: dict[type[Message], Message] = {
     Result: result(),
     Abandon: Abandon(task_ids=[1, 2, 2**63]),
     Submit: Submit(
-        ref=1,
+        project_id="p-1",
         name="squares",
         code=b"\x80\x05code",
         modules=[],
@@ -165,7 +165,7 @@ SAMPLES: dict[type[Message], Message] = {
         only_if="keep",
         options={},
     ),
-    Accepted: Accepted(ref=1, project_id="p-1", credit=32),
+    Accepted: Accepted(project_id="p-1", credit=32),
     Tasks: Tasks(project_id="p-1", tasks=[[0, b"items0", 10], [1, b"", 0]]),
     End: End(project_id="p-1", total_tasks=2, total_items=10),
     More: More(project_id="p-1", credit=16, stored=40),
@@ -759,7 +759,7 @@ def test_creator_conversation() -> None:
 
     submit = SAMPLES[Submit]
     assert pair.send(client, submit) == [submit]
-    accepted = Accepted(ref=submit.ref, project_id="p-1", credit=2)
+    accepted = Accepted(project_id=submit.project_id, credit=2)
     assert pair.send(server, accepted) == [accepted]
     batch = Tasks(project_id="p-1", tasks=[[0, b"a", 1], [1, b"b", 1]])
     assert pair.send(client, batch) == [batch]

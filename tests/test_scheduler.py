@@ -37,9 +37,9 @@ OTHER_CREATOR = "creator-2"
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-def make_submit(ref: int = 1, name: str = "proj", **options: Any) -> p.Submit:
+def make_submit(project_id: str = "P", name: str = "proj", **options: Any) -> p.Submit:
     return p.Submit(
-        ref=ref,
+        project_id=project_id,
         name=name,
         code=b"code",
         modules=["math"],
@@ -140,7 +140,7 @@ def new_project(
     name: str = "proj",
     **options: Any,
 ) -> list[Action]:
-    return valid(s.submit(creator, project_id, make_submit(name=name, **options), now))
+    return valid(s.submit(creator, make_submit(project_id, name=name, **options), now))
 
 
 def join(
@@ -225,7 +225,7 @@ def test_normalize_options_rejects_bad_values(options: dict[str, Any]) -> None:
         normalize_options(options)
     s = Scheduler()
     with pytest.raises(ValueError):
-        s.submit(CREATOR, "P", make_submit(**options), 0.0)
+        s.submit(CREATOR, make_submit(**options), 0.0)
     assert s.projects == {}
 
 
@@ -247,7 +247,7 @@ def test_normalize_options_rejects_nan_inf_and_bool_timeouts(options: dict[str, 
         normalize_options(options)
     s = Scheduler()
     with pytest.raises(ValueError):
-        s.submit(CREATOR, "P", make_submit(**options), 0.0)
+        s.submit(CREATOR, make_submit(**options), 0.0)
     assert s.projects == {}
 
 
@@ -259,8 +259,10 @@ def test_normalize_options_accepts_finite_int_and_float_timeouts() -> None:
 
 def test_submit_without_workers_grants_min_window() -> None:
     s = Scheduler()
-    actions = valid(s.submit(CREATOR, "P", make_submit(ref=7), 0.0))
-    assert actions[0] == ToCreator(CREATOR, p.Accepted(ref=7, project_id="P", credit=MIN_WINDOW))
+    actions = valid(s.submit(CREATOR, make_submit("P"), 0.0))
+    # the Submit came with INITIAL_CREDIT, which is the whole minimum window
+    assert MIN_WINDOW == p.INITIAL_CREDIT
+    assert actions[0] == ToCreator(CREATOR, p.Accepted(project_id="P", credit=0))
     # with nobody connected, the creator is also told so, after Accepted
     assert len(actions) == 2
     notice = actions[1]
@@ -281,12 +283,12 @@ def test_submit_window_is_four_times_total_slots() -> None:
     join(s, "A", slots=6)
     join(s, "B", slots=4)
     actions = new_project(s)
-    assert one(actions, p.Accepted).credit == 40
+    assert one(actions, p.Accepted).credit == 40 - p.INITIAL_CREDIT
     assert creator_msgs(actions, p.Notice) == []  # a worker is connected: no notice
     # a few slots: the window never drops below MIN_WINDOW
     s2 = Scheduler()
     join(s2, "A", slots=3)
-    assert one(new_project(s2), p.Accepted).credit == MIN_WINDOW
+    assert one(new_project(s2), p.Accepted).credit == MIN_WINDOW - p.INITIAL_CREDIT
 
 
 def test_submit_duplicate_project_raises() -> None:
@@ -974,7 +976,7 @@ def test_remove_worker_requeues_its_tasks_at_the_front() -> None:
 def test_remove_worker_shrinks_the_window() -> None:
     s = Scheduler()
     join(s, "A", slots=20)
-    assert one(new_project(s), p.Accepted).credit == 80
+    assert one(new_project(s), p.Accepted).credit == 80 - p.INITIAL_CREDIT
     s.remove_worker("A", 1.0)
     add(s, "P", range(70))
     assert creator_msgs(s.end_tasks(CREATOR, make_end("P", 70), 1.0)) == []
@@ -1511,7 +1513,7 @@ class Sim:
         self.ok_answers: set[tuple[int, int]] = set()  # (task, attempt) answered "ok"
         self.ended = False
         submit = make_submit(lease_timeout=2, max_attempts=10**6)
-        self.apply(self.s.submit(CREATOR, "P", submit, 0))
+        self.apply(self.s.submit(CREATOR, submit, 0))
 
     def apply(self, actions: list[Action]) -> None:
         for action in valid(actions):
