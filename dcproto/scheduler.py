@@ -491,6 +491,11 @@ class Scheduler:
         self._maybe_done(project, now)
         return self._flush(now)
 
+    @property
+    def last_task_id(self) -> int:
+        """The highest task id handed out so far (0 if none)."""
+        return self._next_task_id - 1
+
     def reserve_task_ids(self, after: int) -> None:
         """Never hand out a task id at or below ``after`` (ids stored before a restart)."""
         self._next_task_id = max(self._next_task_id, after + 1)

@@ -26,6 +26,7 @@ from .errors import DcprotoError
 SECRET_FILE = "secret"
 MAX_PENDING_WRITES = 1_000_000  # writes held in memory while the disk refuses them
 DB_FILE = "state.sqlite3"
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 # Each entry upgrades the schema by one version; the index + 1 is the version it produces.
 MIGRATIONS: list[str] = [
@@ -153,6 +154,12 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL: a commit survives a process crash; only power loss can undo the last ones
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # checkpoints fsync: the server runs them on a thread (checkpoint()), not inside
+            # a commit on its event loop
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+            # a reset WAL is cut back to this size, so its size tells how much awaits the next
+            # checkpoint
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self._migrate()
             # SQLite silently falls back to read-only when it cannot open the file for writing
             # (e.g. a read-only mount holding the WAL files of a crashed server): a write that
@@ -163,6 +170,8 @@ class Store:
         except OSError as exc:
             raise StateError(f"cannot use the state dir {state_dir}: {exc}") from exc
         self.path = target
+        self._wal = None if state_dir is None else Path(target + "-wal")
+        self._checkpointer: sqlite3.Connection | None = None
         self._pending: list[tuple[str, Any]] = []
         self.failed: str | None = None  # why the last commit failed, while it keeps failing
         self.lost_writes = 0  # writes given up after the disk failed for too long
@@ -181,7 +190,40 @@ class Store:
 
     def close(self) -> None:
         self.commit()
-        self._db.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+        self._db.close()  # the last connection to close checkpoints and removes the WAL
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def wal_bytes(self) -> int:
+        """Size of the write-ahead log (0 in memory): what the next checkpoint copies back."""
+        if self._wal is None:
+            return 0
+        try:
+            return self._wal.stat().st_size
+        except OSError:
+            return 0
+
+    def checkpoint(self) -> None:
+        """Copy the WAL back into the database, without blocking writers; meant for a thread
+        of its own (it has its own connection). Raises StateError."""
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
+                )
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot checkpoint the server state: {exc}") from exc
+
+    def restart_wal(self) -> None:
+        """After :meth:`checkpoint`: copy what was written meanwhile (little) and start the WAL
+        over, so it does not grow for as long as writes keep coming. Raises StateError."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot checkpoint the server state: {exc}") from exc
 
     # ---- batched writes ------------------------------------------------------------------------
 
@@ -250,12 +292,15 @@ class Store:
             "WHERE project_id=?",
             (len(tasks), sum(t[3] for t in tasks), project_id),
         )
-        # task ids are never reused, even after their project is pruned: a worker may still
-        # deliver a result for an old id after a restart
+
+    def reserve_task_ids(self, ceiling: int) -> None:
+        """Record that no task id above ``ceiling`` has been handed out. Task ids are never
+        reused, even after their project is pruned: a worker may still deliver a result for
+        an old id after a restart, so the server restarts above the ceiling."""
         self._queue(
             "INSERT INTO meta(key, value) VALUES ('max_task_id', ?) "
             "ON CONFLICT(key) DO UPDATE SET value=max(value, excluded.value)",
-            (max(t[0] for t in tasks),),
+            (ceiling,),
         )
 
     def tasks_ended(self, project_id: str, total_tasks: int, total_items: int) -> None:
