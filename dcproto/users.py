@@ -140,9 +140,24 @@ def _user_from_table(name: str, table: object, path: Path) -> User:
         raise UsageError(f"{path}: {exc}") from exc
 
 
+_parsed: dict[Path, tuple[tuple[int, int, int], dict[str, User]]] = {}
+
+
 def load_users(path: Path | None = None) -> dict[str, User]:
     """All users in the file, in file order; a missing file means no users."""
     path = config_path() if path is None else path
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise UsageError(f"cannot read users file {path}: {exc}") from exc
+    # every Project() looks its user up: parse the file again only when it was rewritten
+    # (writes replace it, so the inode changes too)
+    version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    cached = _parsed.get(path)
+    if cached is not None and cached[0] == version:
+        return dict(cached[1])
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
@@ -157,7 +172,9 @@ def load_users(path: Path | None = None) -> dict[str, User]:
     users = data.get("users", {})
     if not isinstance(users, Mapping):
         raise UsageError(f"{path}: 'users' must be a table")
-    return {name: _user_from_table(name, table, path) for name, table in users.items()}
+    parsed = {name: _user_from_table(name, table, path) for name, table in users.items()}
+    _parsed[path] = (version, parsed)
+    return dict(parsed)
 
 
 def get_user(name: str, path: Path | None = None) -> User:
