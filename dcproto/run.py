@@ -16,7 +16,7 @@ import logging
 import pickle
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -189,15 +189,12 @@ class ProjectRun:
         from .creator import shipped_by_value  # creator imports this module
 
         try:
-            iterator: Iterator[Any] = iter(self.spec.iterator)
-            if self._skip_items:
-                collections.deque(itertools.islice(iterator, self._skip_items), maxlen=0)
+            chunks = task_chunks(self.spec.iterator, self._skip_items, self.spec.task_size)
         except Exception as exc:
             self._fail_locally(DcprotoError(f"the iterator cannot be iterated: {exc!r}"))
             return
         seq = itertools.count(self._next_seq)
         total_items = self._skip_items
-        size = self.spec.task_size
         assert self.client is not None
         limit = self.client.proto.max_frame - FRAME_OVERHEAD
         pending: list[Any] | None = None  # a task that did not fit in the last frame
@@ -218,8 +215,8 @@ class ProjectRun:
                     if pending is not None:
                         entry, pending = pending, None
                     else:
-                        items = list(itertools.islice(iterator, size))
-                        if not items:
+                        items = next(chunks, None)
+                        if items is None:
                             exhausted = True
                             break
                         with shipped_by_value(self.handle.user_class, self.spec.modules):
@@ -488,7 +485,28 @@ class ProjectRun:
         }
 
 
-def pickle_items(items: list[Any]) -> bytes:
+def task_chunks(source: Iterable[Any], skip: int, size: int) -> Iterator[Sequence[Any]]:
+    """The items of ``source`` after the first ``skip``, ``size`` at a time. A range is cut
+    into sub-ranges: no list is built, and a sub-range pickles in a few bytes whatever its
+    length. Raises at once if ``source`` cannot be iterated."""
+    if type(source) is range:
+        return _range_chunks(source[skip:], size)
+    iterator = iter(source)
+    if skip:
+        collections.deque(itertools.islice(iterator, skip), maxlen=0)
+    return iter(lambda: list(itertools.islice(iterator, size)), [])
+
+
+def _range_chunks(items: range, size: int) -> Iterator[range]:
+    # by slicing, not len(): a range may be longer than len() can count (range(10**20))
+    while chunk := items[:size]:
+        yield chunk
+        items = items[size:]
+
+
+def pickle_items(items: Sequence[Any]) -> bytes:
+    if type(items) is range:
+        return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
     if PLAIN_TYPES.issuperset(map(type, items)):
         # all hashable; and the C pickler is several times faster, and plain values pickle
         # the same either way
