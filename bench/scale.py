@@ -50,6 +50,7 @@ import os
 import pickle
 import pstats
 import queue
+import random
 import resource
 import secrets
 import signal
@@ -280,6 +281,7 @@ class SimWorker:
 
     async def run(self) -> None:
         reader, proto, fleet = self.reader, self.proto, self.fleet
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 data = await reader.read(65536)
@@ -289,9 +291,15 @@ class SimWorker:
                 answered = False
                 for message in proto.receive_data(data):
                     if type(message) is p.Task:
-                        self._answer(message, now, fleet.records)
-                        answered = True
-                    # Project, Abandon, Heartbeat: nothing to do; every task is answered at once
+                        items = self._receive(message, now, fleet.records)
+                        if fleet.work > 0:  # a task that takes time: answer it later
+                            # durations spread 0.5x-1.5x: real tasks do not finish in lockstep
+                            took = fleet.work * random.uniform(0.5, 1.5)
+                            loop.call_later(took, self._answer_later, message, items)
+                        else:
+                            self._answer(message, items)
+                            answered = True
+                    # Project, Abandon, Heartbeat: nothing to do
                 self._write(credit=answered)
                 if proto.state is p.State.CLOSED:
                     break
@@ -301,18 +309,26 @@ class SimWorker:
             fleet.lost += 0 if fleet.closing else 1
             self.writer.close()
 
-    def _answer(self, task: p.Task, now: float, records: list[Receipt]) -> None:
+    def _receive(self, task: p.Task, now: float, records: list[Receipt]) -> list[Any]:
         items = cloudpickle.loads(task.items)
         ready = self.ready
         for project_no, i, t in items:
             records.append((project_no, i, t, now, ready))
         self.tasks += 1
+        return items
+
+    def _answer_later(self, task: p.Task, items: list[Any]) -> None:
+        if self.proto.state is p.State.READY:
+            self._answer(task, items)
+            self._write(credit=True)
+
+    def _answer(self, task: p.Task, items: list[Any]) -> None:
         self.proto.send(
             p.Result(
                 task_id=task.task_id,
                 attempt=task.attempt,
                 outcome="ok",
-                payload=pickle.dumps([(x, x) for x in items], protocol=pickle.HIGHEST_PROTOCOL),
+                payload=pickle.dumps({x: x for x in items}, protocol=pickle.HIGHEST_PROTOCOL),
                 n_items=len(items),
                 n_kept=len(items),
                 error=None,
@@ -344,6 +360,7 @@ class Fleet:
     lost: int = 0
     closing: bool = False
     connect_seconds: float = 0.0
+    work: float = 0.0  # mean seconds a task takes before its Result (0: answered at once)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(
@@ -487,6 +504,7 @@ class ScenarioResult:
     latency: dict[str, float]
     queued: dict[str, float]
     transit: dict[str, float]
+    transit_steady: dict[str, float]  # tasks whose worker handed credit back during the run
     first_task_at: list[float]  # per project, its first task's receipt after the first submit
     overlap: tuple[float, float]  # all projects running: last first task .. first finish
     overlap_counts: list[int]  # tasks each project got within the overlap
@@ -519,11 +537,13 @@ def _own_cpu() -> float:
 
 
 async def run_scenario(
-    name: str, sizes: list[int], fleet: Fleet, server: ServerProcess
+    name: str, sizes: list[int], fleet: Fleet, server: ServerProcess, work: float = 0.0
 ) -> ScenarioResult:
-    """Submit one project per entry of ``sizes`` at the same time; wait; check; measure."""
+    """Submit one project per entry of ``sizes`` at the same time; wait; check; measure.
+    ``work``: the seconds each task takes on its simulated worker."""
     loop = asyncio.get_running_loop()
     fleet.records = []
+    fleet.work = work
     classes = [make_project(no, n) for no, n in enumerate(sizes)]
     sampler = Sampler(server)
     sampler.start()
@@ -567,6 +587,8 @@ async def run_scenario(
         latency=summary([r[3] - r[2] for r in records]),
         queued=summary([max(0.0, r[4] - r[2]) for r in records]),
         transit=summary([r[3] - max(r[2], r[4]) for r in records]),
+        # without each worker's first task, which waits for the initial fill of all of them
+        transit_steady=summary([r[3] - max(r[2], r[4]) for r in records if r[4] >= t0]),
         first_task_at=first_task_at,
         overlap=overlap,
         overlap_counts=counts,
@@ -596,6 +618,7 @@ async def run(
     workers: int,
     equal: list[int],
     big_small: list[int] | None,
+    paced: tuple[list[int], float] | None = None,
     memory: bool = False,
     heartbeat: float = 30.0,
     profile: Path | None = None,
@@ -627,6 +650,10 @@ async def run(
             scenarios = [await run_scenario(f"{len(equal)} equal projects", equal, fleet, server)]
             if big_small:
                 scenarios.append(await run_scenario("big + small", big_small, fleet, server))
+            if paced:
+                sizes, work = paced
+                label = f"{len(sizes)} projects, {work * 1000:g} ms tasks"
+                scenarios.append(await run_scenario(label, sizes, fleet, server, work))
         finally:
             await fleet.close()
             await asyncio.sleep(0.5)  # let the disconnects settle first (see ServerProcess.stop)
@@ -692,7 +719,13 @@ def markdown(report: Report) -> str:
     row("results exact", ["yes" for _ in scenarios])
     row("wall, first submit to last finish (s)", [f"{s.wall:.2f}" for s in scenarios])
     row("throughput (tasks/s)", [f"{s.tasks_per_second:,.0f}" for s in scenarios])
-    for part, label in (("latency", "push latency"), ("queued", "queued"), ("transit", "transit")):
+    parts = (
+        ("latency", "push latency"),
+        ("queued", "queued"),
+        ("transit", "transit"),
+        ("transit_steady", "transit, steady state"),
+    )
+    for part, label in parts:
         row(
             f"{label} p50 / p99 / max (ms)",
             [
@@ -729,7 +762,8 @@ def markdown(report: Report) -> str:
         "",
         "push latency = worker receipt - creator slicing time; queued = the part before the "
         "worker had credit back (waiting for worker credit); transit = receipt - max(sliced, "
-        "worker ready).",
+        "worker ready); steady state = without each worker's first task of the run (the first "
+        "round goes out to every idle worker at once as the projects start).",
     ]
     return "\n".join(lines)
 
@@ -745,6 +779,12 @@ def main(argv: list[str] | None = None) -> int:
         "--small-tasks", type=int, default=None, help="the small project (default: a tenth)"
     )
     parser.add_argument("--no-big-small", action="store_true", help="skip the big+small run")
+    parser.add_argument(
+        "--task-ms",
+        type=float,
+        default=100.0,
+        help="the paced run: tasks take this long on average on their worker (0 skips it)",
+    )
     parser.add_argument("--memory", action="store_true", help="server state in memory only")
     parser.add_argument("--heartbeat", type=float, default=30.0, help="server --heartbeat")
     parser.add_argument("--profile", type=Path, default=None, help="cProfile the server to PATH")
@@ -763,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 equal=[k] * args.projects,
                 big_small=None if args.no_big_small else [k, small],
+                paced=None if not args.task_ms else ([k // 4] * args.projects, args.task_ms / 1000),
                 memory=args.memory,
                 heartbeat=args.heartbeat,
                 profile=args.profile,
