@@ -507,6 +507,11 @@ class Server:
         result, or Finished) can overtake them. The creator drops seqs it already has."""
         replayed = set()
         for message in self.store.results(project_id):
+            damaged = message.pop("damaged", None)
+            if damaged is not None:  # e.g. after a power loss: say so; the creator then
+                log.error("%s", damaged)  # sees it is missing results, never wrong ones
+                conn.send(p.Notice(project_id=project_id, level="warning", text=damaged))
+                continue
             replayed.add(message["seq"])
             conn.send(p.TaskDone(project_id=project_id, **message))
         for seq, message in self._unsaved_results.get(project_id, {}).items():

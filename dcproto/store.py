@@ -8,11 +8,14 @@ the current turn's work, none of which anyone was told about.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import secrets
 import sqlite3
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,9 @@ from .errors import DcprotoError
 SECRET_FILE = "secret"
 MAX_PENDING_WRITES = 1_000_000  # writes held in memory while the disk refuses them
 DB_FILE = "state.sqlite3"
+RESULTS_DIR = "results"  # in the state dir: one file of result payloads per project
+FILE_PAYLOAD_MIN = 4096  # payloads from this size on go to the project's results file
+MAX_OPEN_RESULT_FILES = 64
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 # Each entry upgrades the schema by one version; the index + 1 is the version it produces.
@@ -74,6 +80,12 @@ MIGRATIONS: list[str] = [
         message BLOB NOT NULL,
         PRIMARY KEY (project_id, seq)
     );
+    """,
+    # large payloads live in a file per project (RESULTS_DIR); the row says where
+    """
+    ALTER TABLE results ADD COLUMN payload_at INTEGER;
+    ALTER TABLE results ADD COLUMN payload_size INTEGER;
+    ALTER TABLE results ADD COLUMN payload_crc INTEGER;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -171,6 +183,11 @@ class Store:
             raise StateError(f"cannot use the state dir {state_dir}: {exc}") from exc
         self.path = target
         self._wal = None if state_dir is None else Path(target + "-wal")
+        self._results_dir = None if state_dir is None else state_dir / RESULTS_DIR
+        self._file_ends: dict[str, int] = {}  # next free offset in each project's results file
+        self._files: collections.OrderedDict[str, int] = collections.OrderedDict()  # open fds
+        self._file_writes: list[tuple[str, int, bytes]] = []  # (project, offset, payload)
+        self._file_removals: list[str] = []  # projects whose results file goes after the commit
         self._checkpointer: sqlite3.Connection | None = None
         self._pending: list[tuple[str, Any]] = []
         self.failed: str | None = None  # why the last commit failed, while it keeps failing
@@ -190,6 +207,9 @@ class Store:
 
     def close(self) -> None:
         self.commit()
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
         if self._checkpointer is not None:
             self._checkpointer.close()
         self._db.close()  # the last connection to close checkpoints and removes the WAL
@@ -231,28 +251,93 @@ class Store:
         self._pending.append((sql, params))
 
     def has_pending(self) -> bool:
-        return bool(self._pending)
+        return bool(self._pending or self._file_writes or self._file_removals)
 
     def commit(self) -> None:
-        """Write everything queued in one transaction. Raises StateError if the disk fails."""
-        if not self._pending:
+        """Write everything queued: result payloads into their files, then the rows in one
+        transaction (a row never points at bytes not yet written). Raises StateError if the
+        disk fails; everything is then kept to be retried, file writes included (each goes to
+        a fixed offset, so writing it twice is harmless)."""
+        if not self.has_pending():
             return
         pending, self._pending = self._pending, []
+        writes, self._file_writes = self._file_writes, []
         try:
+            for project_id, offset, payload in writes:
+                self._write_at(project_id, offset, payload)
             self._db.execute("BEGIN")
             for sql, params in _grouped(pending):
                 self._db.executemany(sql, params)
             self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             self.failed = str(exc)
             if len(pending) + len(self._pending) <= MAX_PENDING_WRITES:
                 self._pending = pending + self._pending  # retried by the next commit
+                self._file_writes = writes + self._file_writes
             else:
                 self.lost_writes += len(pending)
             raise StateError(f"cannot write the server state: {exc}") from exc
         self.failed = None
+        removals, self._file_removals = self._file_removals, []
+        for project_id in removals:
+            self._remove_file(project_id)
+
+    # ---- results files -------------------------------------------------------------------------
+
+    def _results_file(self, project_id: str) -> Path:
+        assert self._results_dir is not None
+        return self._results_dir / f"{project_id}.bin"
+
+    def _fd(self, project_id: str) -> int:
+        fd = self._files.get(project_id)
+        if fd is not None:
+            self._files.move_to_end(project_id)
+            return fd
+        assert self._results_dir is not None
+        self._results_dir.mkdir(exist_ok=True)
+        fd = os.open(self._results_file(project_id), os.O_RDWR | os.O_CREAT, 0o600)
+        self._files[project_id] = fd
+        while len(self._files) > MAX_OPEN_RESULT_FILES:
+            os.close(self._files.popitem(last=False)[1])
+        return fd
+
+    def _write_at(self, project_id: str, offset: int, payload: bytes) -> None:
+        fd = self._fd(project_id)
+        view = memoryview(payload)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def _remove_file(self, project_id: str) -> None:
+        fd = self._files.pop(project_id, None)
+        if fd is not None:
+            os.close(fd)
+        self._file_ends.pop(project_id, None)
+        if self._results_dir is not None:
+            with contextlib.suppress(OSError):
+                self._results_file(project_id).unlink()
+
+    def _place(self, project_id: str, size: int) -> int:
+        """Where the next ``size`` bytes of the project's results file go."""
+        end = self._file_ends.get(project_id)
+        if end is None:  # first payload since the server started: append to what is there
+            try:
+                end = self._results_file(project_id).stat().st_size
+            except OSError:
+                end = 0
+        self._file_ends[project_id] = end + size
+        return end
+
+    def _read_payload(self, project_id: str, seq: int, at: int, size: int, crc: int) -> bytes:
+        try:
+            payload = os.pread(self._fd(project_id), size, at)
+        except OSError as exc:
+            raise StateError(f"cannot read result {seq} of project {project_id}: {exc}") from exc
+        if len(payload) != size or zlib.crc32(payload) != crc:
+            raise StateError(f"result {seq} of project {project_id} is damaged on disk")
+        return payload
 
     # ---- devices -------------------------------------------------------------------------------
 
@@ -314,9 +399,28 @@ class Store:
         self._queue(
             "UPDATE tasks SET done=1, items=NULL WHERE project_id=? AND seq=?", (project_id, seq)
         )
+        payload = message["payload"]
+        if self._results_dir is None or len(payload) < FILE_PAYLOAD_MIN:
+            self._queue(
+                "INSERT OR IGNORE INTO results(project_id, seq, message) VALUES (?, ?, ?)",
+                (project_id, seq, _pack(message)),
+            )
+            return
+        # a large payload is appended to the project's results file, not copied through
+        # SQLite's log and then its database file
+        at = self._place(project_id, len(payload))
+        self._file_writes.append((project_id, at, payload))
         self._queue(
-            "INSERT OR IGNORE INTO results(project_id, seq, message) VALUES (?, ?, ?)",
-            (project_id, seq, _pack(message)),
+            "INSERT OR IGNORE INTO results(project_id, seq, message, payload_at, payload_size, "
+            "payload_crc) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                project_id,
+                seq,
+                _pack({**message, "payload": b""}),
+                at,
+                len(payload),
+                zlib.crc32(payload),
+            ),
         )
 
     def project_finished(self, project_id: str, status: str, outcome: dict[str, Any]) -> None:
@@ -336,6 +440,7 @@ class Store:
         """The creator has every result: they need not be kept any longer."""
         self._queue("UPDATE projects SET released=1 WHERE project_id=?", (project_id,))
         self._queue("DELETE FROM results WHERE project_id=?", (project_id,))
+        self._file_removals.append(project_id)
 
     def prune(self, keep_finished: float, now: float | None = None) -> None:
         """Forget projects finished more than ``keep_finished`` seconds ago."""
@@ -351,6 +456,7 @@ class Store:
             self._queue("DELETE FROM results WHERE project_id=?", (project_id,))
             self._queue("DELETE FROM tasks WHERE project_id=?", (project_id,))
             self._queue("DELETE FROM projects WHERE project_id=?", (project_id,))
+            self._file_removals.append(project_id)
 
     # ---- reads ---------------------------------------------------------------------------------
 
@@ -372,17 +478,31 @@ class Store:
     def done_counts(self, project_id: str) -> tuple[int, int, int]:
         """(tasks, items, items kept) of the project's stored results."""
         tasks = items = kept = 0
-        for message in self.results(project_id):
+        for (blob,) in self._db.execute(
+            "SELECT message FROM results WHERE project_id=?", (project_id,)
+        ):
+            message = _unpack(blob)
             tasks += 1
             items += message["n_items"]
             kept += message["n_kept"]
         return tasks, items, kept
 
     def results(self, project_id: str) -> Iterator[dict[str, Any]]:
-        for (blob,) in self._db.execute(
-            "SELECT message FROM results WHERE project_id=? ORDER BY seq", (project_id,)
-        ):
-            yield _unpack(blob)
+        """The project's stored results (TaskDone fields), by seq. A payload that cannot be
+        read back intact comes as None, with the reason under ``"damaged"``."""
+        rows = self._db.execute(
+            "SELECT seq, message, payload_at, payload_size, payload_crc FROM results "
+            "WHERE project_id=? ORDER BY seq",
+            (project_id,),
+        ).fetchall()
+        for seq, blob, at, size, crc in rows:
+            message = _unpack(blob)
+            if at is not None:
+                try:
+                    message["payload"] = self._read_payload(project_id, seq, at, size, crc)
+                except StateError as exc:
+                    message["payload"], message["damaged"] = None, str(exc)
+            yield message
 
     def max_task_id(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key='max_task_id'").fetchone()
