@@ -447,6 +447,7 @@ class ProjectRun:
             # drop its copy
             with contextlib.suppress(DcprotoError):
                 self.client.send(p.Release(project_id=self.project_id))
+                self.client.flush()  # now: the server's work on it overlaps the caller's
         future = self.handle._future
         if error is not None:
             future.set_exception(error)

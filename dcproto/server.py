@@ -42,8 +42,11 @@ TASK_ID_BLOCK = 1 << 16  # task ids reserved on disk at a time (see Server._flus
 COMMIT_SPACING = 4.0  # a commit waits until this many times the last one's duration has passed
 MAX_COMMIT_DELAY = 0.001  # but never longer
 CHECKPOINT_BYTES = 16 * 1024 * 1024  # WAL size past which a checkpoint starts (on a thread)
-# messages that say something is on disk: sent only after the commit
-COMMIT_FIRST = (p.Accepted, p.More, p.Finished, p.Attached, p.ProjectList)
+CHECKPOINT_CHECK_EVERY = 16  # commits between looks at the WAL's size (a stat each)
+# messages that say something is on disk: sent only after the commit. Not Finished: if the
+# server dies before committing, the project is redone after the restart (the creator already
+# has every result; it has released them, so the rerun's copy is pruned in time)
+COMMIT_FIRST = (p.Accepted, p.More, p.Attached, p.ProjectList)
 
 
 class ServerConnection(asyncio.Protocol):
@@ -157,6 +160,7 @@ class Server:
         self._after_commit: dict[str, ServerConnection] = {}  # flushed after the next commit
         self._commit_timer: asyncio.TimerHandle | None = None
         self._checkpoint: asyncio.Future[None] | None = None  # running on a thread
+        self._commits_unchecked = 0
         self._last_commit_end = float("-inf")
         self._last_commit_took = 0.0
         self._server: asyncio.base_events.Server | None = None
@@ -255,11 +259,14 @@ class Server:
         for conn in waiting.values():
             conn.awaits_commit = False
             conn.flush()
-        if self._checkpoint is None and self.store.wal_bytes() > CHECKPOINT_BYTES:
-            self._checkpoint = asyncio.get_running_loop().run_in_executor(
-                None, self.store.checkpoint
-            )
-            self._checkpoint.add_done_callback(self._checkpoint_done)
+        self._commits_unchecked += 1
+        if self._checkpoint is None and self._commits_unchecked >= CHECKPOINT_CHECK_EVERY:
+            self._commits_unchecked = 0
+            if self.store.wal_bytes() > CHECKPOINT_BYTES:
+                self._checkpoint = asyncio.get_running_loop().run_in_executor(
+                    None, self.store.checkpoint
+                )
+                self._checkpoint.add_done_callback(self._checkpoint_done)
 
     def _checkpoint_done(self, done: asyncio.Future[None]) -> None:
         """The bulk of the WAL is in the database now (copied and synced on a thread); what

@@ -188,6 +188,13 @@ class Store:
         self._files: collections.OrderedDict[str, int] = collections.OrderedDict()  # open fds
         self._file_writes: list[tuple[str, int, bytes]] = []  # (project, offset, payload)
         self._file_removals: list[str] = []  # projects whose results file goes after the commit
+        # results files left by an earlier run (others exist only once written in this one)
+        self._files_at_start: set[str] = set()
+        if self._results_dir is not None:
+            with contextlib.suppress(OSError):  # none yet, or unreadable: nothing to remove
+                self._files_at_start = {
+                    path.stem for path in self._results_dir.iterdir() if path.suffix == ".bin"
+                }
         self._checkpointer: sqlite3.Connection | None = None
         self._pending: list[tuple[str, Any]] = []
         self.failed: str | None = None  # why the last commit failed, while it keeps failing
@@ -314,8 +321,9 @@ class Store:
         fd = self._files.pop(project_id, None)
         if fd is not None:
             os.close(fd)
-        self._file_ends.pop(project_id, None)
-        if self._results_dir is not None:
+        written = self._file_ends.pop(project_id, None) is not None
+        if self._results_dir is not None and (written or project_id in self._files_at_start):
+            self._files_at_start.discard(project_id)
             with contextlib.suppress(OSError):
                 self._results_file(project_id).unlink()
 
