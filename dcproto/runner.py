@@ -1,10 +1,14 @@
 """Runs tasks in reusable child processes, so user code can raise, crash or hang safely.
 
-Each slot is one ``python -m dcproto.child`` process. A task waits for an idle child, which is
-loaded with the project's code the first time it runs one of that project's tasks. A child that
-dies mid-task yields outcome ``crash`` and is replaced; a task over its time limit or abandoned
-gets SIGUSR1 (the child answers at once if user code is in Python) and, if the child does not
-answer within ``KILL_GRACE`` seconds, SIGKILL and a fresh child.
+Each slot is one ``python -m dcproto.child`` process. A task goes to the child with the fewest
+tasks, which is loaded with the project's code the first time it runs one of that project's
+tasks. A child holds one task at a time, except for short tasks with no time limit: then it is
+sent up to ``PIPELINE_DEPTH`` at once and runs them back to back, never waiting for the worker
+between two of them (and one write carries several). A child that dies mid-task yields outcome
+``crash`` and is replaced (the tasks queued behind it are handed back as ``abandoned``); a task
+over its time limit or abandoned gets SIGUSR1 (the child answers at once if user code is in
+Python) and, if the child does not answer within ``KILL_GRACE`` seconds, SIGKILL and a fresh
+child.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ log = logging.getLogger("dcproto.runner")
 
 KILL_GRACE = 1.0  # seconds a child gets to give up a task before it is killed
 SPAWN_TIMEOUT = 30.0
+PIPELINE_DEPTH = 4  # tasks a child may hold at once, when they are short
+SHORT_TASK = 0.002  # seconds: a project whose tasks average less is pipelined
 
 
 @dataclass(slots=True)
@@ -58,11 +64,27 @@ class Child:
         self.process: asyncio.subprocess.Process | None = None
         # the projects the child holds, in the child's own LRU order (see child.main)
         self.loaded: OrderedDict[str, None] = OrderedDict()
-        self.running: tuple[int, int] | None = None  # (task_id, attempt) in the child now
-        self.answer: asyncio.Future[list[Any]] | None = None
+        # tasks sent and not answered, in the order the child runs them: the first is running
+        self.queue: OrderedDict[tuple[int, int], asyncio.Future[list[Any]]] = OrderedDict()
+        self.reserved = 0  # tasks given to this child (sent or about to be)
+        self.stray_signal = False  # a SIGUSR1 may still hit a task it was not meant for
         self._reader: asyncio.Task[None] | None = None
+        self._starting: asyncio.Future[None] | None = None
         self.generation = 0
         self.output_dir: Path | None = None  # the child's $DCPROTO_OUTPUT_DIR
+
+    @property
+    def running(self) -> tuple[int, int] | None:
+        """The (task_id, attempt) the child is on now, if any."""
+        return next(iter(self.queue), None)
+
+    async def ensure_started(self) -> None:
+        """Start the process if it is not running; tasks sharing the child start it once."""
+        if self.alive:
+            return
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self.start())
+        await asyncio.shield(self._starting)
 
     async def start(self) -> None:
         if self.output_dir is not None:
@@ -79,6 +101,7 @@ class Child:
             env={**os.environ, OUTPUT_DIR_ENV: str(self.output_dir)},
         )
         self.loaded.clear()
+        self.stray_signal = False
         self._reader = asyncio.create_task(self._read_answers(self.process))
 
     @property
@@ -93,13 +116,18 @@ class Child:
                 (size,) = p.HEADER.unpack(header)
                 body = await process.stdout.readexactly(size)
                 answer = msgpack.unpackb(body, raw=False)
-                if self.answer is not None and not self.answer.done():
-                    self.answer.set_result(answer)
+                if self.queue:  # answers come in the order the tasks were sent
+                    _, future = self.queue.popitem(last=False)
+                    if not future.done():
+                        future.set_result(answer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         code = await process.wait()
-        if self.process is process and self.answer is not None and not self.answer.done():
-            self.answer.set_exception(ChildDied(code))
+        if self.process is process:
+            lost, self.queue = list(self.queue.values()), OrderedDict()
+            for index, future in enumerate(lost):
+                if not future.done():  # the first was running; the others never started
+                    future.set_exception(ChildDied(code) if index == 0 else ChildGone())
 
     def send(self, command: list[Any]) -> None:
         assert self.process is not None and self.process.stdin is not None
@@ -122,6 +150,10 @@ class Child:
         if self._reader is not None:
             with contextlib.suppress(BaseException):
                 await self._reader
+
+
+class ChildGone(Exception):
+    """The child died before it started this task (another one crashed it)."""
 
 
 class ChildDied(Exception):
@@ -147,44 +179,69 @@ class Runner:
         self._tmp = tempfile.TemporaryDirectory(prefix="dcproto-worker-")
         self.workdir = Path(self._tmp.name)
         self._children = [Child(self.workdir) for _ in range(slots)]
-        self._idle: asyncio.Queue[Child] = asyncio.Queue()
+        self._room = asyncio.Event()  # set when a child may have room for another task
         # keyed by (task_id, attempt): a re-sent task may overlap its abandoned attempt
         self._abandoned: set[tuple[int, int]] = set()
         self._running: dict[tuple[int, int], Child] = {}
+        self._task_seconds: dict[str, float] = {}  # per project: average time a task takes
 
     async def start(self) -> None:
         await asyncio.gather(*(child.start() for child in self._children))
-        for child in self._children:
-            self._idle.put_nowait(child)
 
     async def close(self) -> None:
         await asyncio.gather(*(child.stop() for child in self._children))
         self._tmp.cleanup()
 
     def abandon(self, task_id: int) -> bool:
-        """Ask the children running ``task_id`` (any attempt) to give it up. False if none is."""
+        """Ask the children holding ``task_id`` (any attempt) to give it up. False if none
+        does. A task still queued behind another in a child is not interrupted: it is short
+        (only short tasks are queued), and its answer is reported as abandoned."""
         keys = [key for key in self._running if key[0] == task_id]
         for key in keys:
             self._abandoned.add(key)
-            self._give_up(self._running[key], key)
+            child = self._running[key]
+            if child.running == key:
+                self._give_up(child, key)
         return bool(keys)
 
     def is_running(self, task_id: int, attempt: int) -> bool:
         return (task_id, attempt) in self._running
 
+    def _depth(self, project: p.Project) -> int:
+        """How many tasks of ``project`` a child may hold at once."""
+        if project.options.get("task_timeout") is not None:
+            return 1  # its clock starts when it is sent
+        seconds = self._task_seconds.get(project.project_id)
+        return PIPELINE_DEPTH if seconds is not None and seconds < SHORT_TASK else 1
+
+    async def _child_for(self, depth: int) -> Child:
+        """The child with the fewest tasks, once one has fewer than ``depth``; reserved."""
+        while True:
+            child = min(self._children, key=lambda c: c.reserved)
+            if child.reserved < depth:
+                child.reserved += 1
+                return child
+            self._room.clear()
+            await self._room.wait()
+
     async def run(self, project: p.Project, task: p.Task) -> Outcome:
-        """Run ``task`` in an idle child. Cancelling this coroutine while it waits for a child
-        is safe; once running, abandon it with :meth:`abandon` instead."""
-        child = await self._idle.get()
+        """Run ``task`` in a child. Cancelling this coroutine while it waits for a child is
+        safe; once running, abandon it with :meth:`abandon` instead."""
+        child = await self._child_for(self._depth(project))
+        key = (task.task_id, task.attempt)
         try:
-            if not child.alive:
-                await child.start()
-            return await self._run_in(child, project, task)
+            await child.ensure_started()
+            outcome = await self._run_in(child, project, task)
         finally:
-            self._running.pop((task.task_id, task.attempt), None)
-            self._abandoned.discard((task.task_id, task.attempt))
-            child.running = None
-            self._idle.put_nowait(child)
+            self._running.pop(key, None)
+            self._abandoned.discard(key)
+            child.reserved -= 1
+            self._room.set()
+        spent = outcome.stats.get("exec")
+        if outcome.outcome == "ok" and isinstance(spent, float):
+            previous = self._task_seconds.get(project.project_id, spent)
+            self._task_seconds[project.project_id] = 0.8 * previous + 0.2 * spent
+        return outcome
 
     async def _run_in(self, child: Child, project: p.Project, task: p.Task) -> Outcome:
         if project.project_id not in child.loaded:
@@ -204,31 +261,39 @@ class Runner:
             while len(child.loaded) > MAX_LOADED_PROJECTS:
                 child.loaded.popitem(last=False)
         child.loaded.move_to_end(project.project_id)
-        loop = asyncio.get_running_loop()
-        child.answer = loop.create_future()
-        key = child.running = (task.task_id, task.attempt)
+        key = (task.task_id, task.attempt)
+        answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        child.queue[key] = answer
         self._running[key] = child
         child.send(["run", task.task_id, task.project_id, task.items])
-        outcome = await self._answer(child, project, task)
+        outcome = await self._answer(child, project, task, answer)
         if not child.alive and child.output_dir is not None:
             shutil.rmtree(child.output_dir, ignore_errors=True)  # it died before emptying it
         return outcome
 
-    async def _answer(self, child: Child, project: p.Project, task: p.Task) -> Outcome:
+    async def _answer(
+        self, child: Child, project: p.Project, task: p.Task, future: asyncio.Future[list[Any]]
+    ) -> Outcome:
+        key = (task.task_id, task.attempt)
         timeout = project.options.get("task_timeout")
         timed_out = False
         answer: list[Any] | None
         try:
-            answer = await asyncio.wait_for(asyncio.shield(child.answer), timeout)
+            if timeout is None:
+                answer = await future
+            else:  # the task is alone in its child (see _depth): its clock starts now
+                answer = await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
             timed_out = True
-            self._give_up(child, (task.task_id, task.attempt))
+            self._give_up(child, key)
             try:
-                answer = await child.answer
-            except ChildDied:
+                answer = await future
+            except (ChildDied, ChildGone):
                 answer = None
+        except ChildGone:
+            return Outcome("abandoned")  # never started: hand it back, not a failed attempt
         except ChildDied as exc:
-            if (task.task_id, task.attempt) in self._abandoned:
+            if key in self._abandoned:
                 return Outcome("abandoned")
             return Outcome("crash", error={"message": str(exc), "returncode": exc.returncode})
         if timed_out:
@@ -236,17 +301,25 @@ class Runner:
                 "timeout",
                 error={"message": f"the task ran longer than its time limit of {timeout} s"},
             )
-        if (task.task_id, task.attempt) in self._abandoned or answer is None:
-            return Outcome("abandoned")  # even a late "ok" is not wanted any more
+        if answer is None:
+            return Outcome("abandoned")
         _, _, outcome, payload, n_items, n_kept, error, stats, files = answer
+        signalled = False
+        if outcome == "abandoned":  # a SIGUSR1 was taken: the one we sent, if we sent one
+            signalled, child.stray_signal = child.stray_signal, False
+        if key in self._abandoned:
+            return Outcome("abandoned")  # even a late "ok" is not wanted any more
         if outcome == "abandoned":
+            if signalled:  # meant for the task before this one, which had just finished
+                return Outcome("abandoned")
             outcome = "crash"  # a stray signal; count it as a failed attempt, not a success
         return Outcome(outcome, payload, n_items, n_kept, error, stats, files)
 
     def _give_up(self, child: Child, key: tuple[int, int]) -> None:
         """SIGUSR1 now; SIGKILL if the child is still on this task after KILL_GRACE."""
+        child.stray_signal = True
         child.signal(signal.SIGUSR1)
-        answer = child.answer
+        answer = child.queue.get(key)
 
         def escalate() -> None:
             if child.running == key and answer is not None and not answer.done():

@@ -25,7 +25,7 @@ import pytest
 
 from dcproto import protocol as p
 from dcproto.child import MAX_LOADED_PROJECTS, MAX_OUTPUT_BYTES, MAX_OUTPUT_FILES
-from dcproto.runner import KILL_GRACE, Outcome, Runner
+from dcproto.runner import KILL_GRACE, PIPELINE_DEPTH, Outcome, Runner
 
 _task_ids = itertools.count(1)
 
@@ -223,6 +223,17 @@ class IgnoresAbandon:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             time.sleep(100)
         return (x, os.getpid())
+
+
+class QuickUnlessPath:
+    """Items are quick, except a path: touch it, then sleep a little."""
+
+    @staticmethod
+    def f(x: Any) -> Any:
+        if isinstance(x, str) and x.startswith("/"):
+            Path(x).touch()
+            time.sleep(0.5)
+        return x
 
 
 class MarkThenSleep:
@@ -725,3 +736,63 @@ async def test_more_tasks_than_slots_queue(make_runner: RunnerFactory) -> None:
     project = make_project(Square)
     outcomes = await asyncio.gather(*(run(runner, project, [i]) for i in range(6)))
     assert [pairs(o) for o in outcomes] == [[(i, i * i)] for i in range(6)]
+
+
+# --------------------------------------------------------------------------------------------
+# Pipelining: short tasks are queued in a child, several at a time
+# --------------------------------------------------------------------------------------------
+
+
+async def run_all(
+    runner: Runner, project: p.Project, tasks: list[p.Task]
+) -> tuple[list[Outcome], int]:
+    """Run ``tasks`` at once; also the most tasks a child held at any moment."""
+    runs = [asyncio.create_task(runner.run(project, task)) for task in tasks]
+    peak = 0
+    while not all(r.done() for r in runs):
+        peak = max([peak, *(len(child.queue) for child in runner._children)])
+        await asyncio.sleep(0)
+    return [r.result() for r in runs], peak
+
+
+async def test_short_tasks_are_pipelined_into_a_child(runner: Runner) -> None:
+    project = make_project(Crashy)
+    assert (await run(runner, project, ["warm-up"])).outcome == "ok"  # now known to be short
+    tasks = [make_task(project, [i]) for i in range(3 * PIPELINE_DEPTH)]
+    outcomes, peak = await run_all(runner, project, tasks)
+    assert peak == PIPELINE_DEPTH
+    assert [pairs(o)[0][0] for o in outcomes] == list(range(3 * PIPELINE_DEPTH))
+    assert len({pairs(o)[0][1][1] for o in outcomes}) == 1  # one child did them all
+
+
+async def test_a_crash_in_a_pipeline_hands_back_the_tasks_behind_it(runner: Runner) -> None:
+    project = make_project(Crashy)
+    assert (await run(runner, project, ["warm-up"])).outcome == "ok"
+    tasks = [make_task(project, [x]) for x in ("a", "exit", "b", "c")]
+    outcomes, peak = await run_all(runner, project, tasks)
+    assert peak == 4
+    # only the task that crashed counts as a failed attempt; the others never started
+    assert [o.outcome for o in outcomes] == ["ok", "crash", "abandoned", "abandoned"]
+    assert (await run(runner, project, ["after"])).outcome == "ok"
+
+
+async def test_abandoning_a_task_queued_behind_another(runner: Runner, tmp_path: Path) -> None:
+    project = make_project(QuickUnlessPath)
+    for i in range(3):
+        assert (await run(runner, project, [i])).outcome == "ok"
+    marker = tmp_path / "started"
+    slow, queued = make_task(project, [str(marker)]), make_task(project, [7])
+    slow_run = asyncio.create_task(runner.run(project, slow))
+    queued_run = asyncio.create_task(runner.run(project, queued))
+    await wait_for_file(marker)
+    assert runner.abandon(queued.task_id) is True  # held by the child, behind the slow one
+    assert (await queued_run).outcome == "abandoned"
+    assert pairs(await slow_run) == [(str(marker), str(marker))]  # not interrupted
+
+
+async def test_tasks_with_a_time_limit_are_never_pipelined(runner: Runner) -> None:
+    project = make_project(Square, task_timeout=5)
+    assert (await run(runner, project, [1])).outcome == "ok"
+    outcomes, peak = await run_all(runner, project, [make_task(project, [i]) for i in range(8)])
+    assert peak == 1
+    assert [pairs(o) for o in outcomes] == [[(i, i * i)] for i in range(8)]
