@@ -255,9 +255,9 @@ class CreatorClient:
 
     def flush(self) -> None:
         self._flush_scheduled = False
-        data = self.proto.data_to_send()
-        if data and self._writer is not None and self.connected.is_set():
-            self._writer.write(data)
+        chunks = self.proto.chunks_to_send()
+        if chunks and self._writer is not None and self.connected.is_set():
+            self._writer.writelines(chunks)
             self._last_sent = time.monotonic()
 
     async def drain(self) -> None:

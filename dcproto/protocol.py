@@ -36,6 +36,7 @@ HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 #: The handshake happens before the peer is authenticated, so it gets a much smaller limit.
 HANDSHAKE_MAX_FRAME = 64 * 1024
+JOIN_LIMIT = 64 * 1024  # frames up to this size are joined with their header before sending
 MIN_MAX_FRAME = HANDSHAKE_MAX_FRAME  # a peer may not announce a smaller limit than this
 MIN_NONCE = 16
 #: A peer silent for this many heartbeat intervals is taken for gone, by either side.
@@ -477,6 +478,11 @@ SCHEMA: dict[type[Message], tuple[tuple[str, str, tuple[type, ...]], ...]] = {
 
 def encode(message: Message) -> bytes:
     """One frame (header + body) for ``message``. Raises LocalProtocolError if it is invalid."""
+    body = _encode_body(message)
+    return HEADER.pack(len(body)) + body
+
+
+def _encode_body(message: Message) -> bytes:
     try:
         _check_fields(message)
         message._validate()
@@ -489,7 +495,7 @@ def encode(message: Message) -> bytes:
         )
     except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
         raise LocalProtocolError(f"cannot encode {type(message).__name__}: {exc}") from exc
-    return HEADER.pack(len(body)) + body
+    return body
 
 
 def decode(body: bytes | memoryview) -> Message:
@@ -605,7 +611,8 @@ class Decoder:
         if available < self._need:
             self._compact()
             return None
-        body = bytes(buffer[self._pos : self._pos + self._need])
+        # one copy (a bytearray slice would make two); the view is gone before any resize
+        body = bytes(memoryview(buffer)[self._pos : self._pos + self._need])
         self._pos += self._need
         self._need = None
         if self._pos == len(buffer):
@@ -775,13 +782,16 @@ class Connection:
         """Queue ``message``. Raises LocalProtocolError if it is invalid or the state is closed."""
         if self.state is State.CLOSED:
             raise LocalProtocolError(f"cannot send {type(message).__name__}: connection closed")
-        frame = encode(message)
-        if len(frame) - HEADER.size > self.max_frame:
+        body = _encode_body(message)
+        if len(body) > self.max_frame:
             raise LocalProtocolError(
-                f"{type(message).__name__} of {len(frame) - HEADER.size} bytes exceeds the "
+                f"{type(message).__name__} of {len(body)} bytes exceeds the "
                 f"frame limit of {self.max_frame}"
             )
-        self._outgoing.append(frame)
+        if len(body) < JOIN_LIMIT:
+            self._outgoing.append(HEADER.pack(len(body)) + body)
+        else:  # a large body is not copied to put its header in front: it is written as is
+            self._outgoing += (HEADER.pack(len(body)), body)
         if isinstance(message, Error | Goodbye):
             self.state = State.CLOSED
         else:
@@ -791,8 +801,10 @@ class Connection:
 
     def data_to_send(self) -> bytes:
         """All bytes queued since the last call (possibly empty)."""
-        if not self._outgoing:
-            return b""
-        data = b"".join(self._outgoing)
-        self._outgoing.clear()
-        return data
+        return b"".join(self.chunks_to_send())
+
+    def chunks_to_send(self) -> list[bytes]:
+        """The bytes queued since the last call, as pieces for one ``writelines`` (which
+        writes them with one writev, not joining them first); possibly empty."""
+        chunks, self._outgoing = self._outgoing, []
+        return chunks

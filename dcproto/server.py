@@ -110,9 +110,9 @@ class ServerConnection(asyncio.Protocol):
     def flush(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        data = self.proto.data_to_send()
-        if data:
-            self.transport.write(data)
+        chunks = self.proto.chunks_to_send()
+        if chunks:
+            self.transport.writelines(chunks)
             self.last_sent = time.monotonic()
             if self.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
                 log.warning("%s is not reading; closing it", self.conn_id)

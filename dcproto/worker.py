@@ -200,9 +200,9 @@ class Worker:
     def _flush(self) -> None:
         if self._proto is None or self._writer is None:
             return
-        data = self._proto.data_to_send()
-        if data and not self._writer.is_closing():
-            self._writer.write(data)
+        chunks = self._proto.chunks_to_send()
+        if chunks and not self._writer.is_closing():
+            self._writer.writelines(chunks)
             self._last_sent = time.monotonic()
 
     def _send(self, message: p.Message) -> bool:

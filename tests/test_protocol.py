@@ -722,6 +722,21 @@ def test_data_to_send_drains_the_queue() -> None:
     assert server.data_to_send() == b""
 
 
+def test_a_large_frame_is_queued_without_copying_its_body() -> None:
+    pair = ConnectionPair("worker")
+    pair.handshake()
+    small = result(payload=b"s" * 10)
+    large = result(payload=b"L" * (p.JOIN_LIMIT + 1))
+    pair.client.send(small)
+    pair.client.send(large)
+    chunks = pair.client.chunks_to_send()
+    assert pair.client.chunks_to_send() == []
+    # small frame: header and body together; large frame: its header, then its body as is
+    assert [len(c) for c in chunks[1:]] == [HEADER.size, len(encode(large)) - HEADER.size]
+    assert b"".join(chunks) == encode(small) + encode(large)
+    assert pair.server.receive_data(b"".join(chunks)) == [small, large]
+
+
 # ---- Connection: conversations ---------------------------------------------------------------
 
 
