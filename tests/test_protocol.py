@@ -482,6 +482,19 @@ def test_wrong_field_types_are_rejected_both_ways(
         encode(local)
 
 
+@pytest.mark.parametrize("cls", p.MESSAGE_TYPES, ids=lambda cls: cls.__name__)
+def test_the_fast_field_check_takes_every_valid_sample(cls: type[Message]) -> None:
+    # the generated check must pass valid messages, or every frame would take the slow path
+    assert p._FAST_CHECKS[cls](SAMPLES[cls])
+
+
+@pytest.mark.parametrize(("cls", "name", "value"), WRONG_TYPES)
+def test_the_fast_field_check_never_passes_a_wrong_type(
+    cls: type[Message], name: str, value: Any
+) -> None:
+    assert not p._FAST_CHECKS[cls](dataclasses.replace(SAMPLES[cls], **{name: value}))
+
+
 def test_some_wrong_types_explicitly() -> None:
     # the cases most likely to slip through a lax decoder
     cases = [
