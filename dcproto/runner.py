@@ -14,6 +14,7 @@ child.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -179,7 +180,8 @@ class Runner:
         self._tmp = tempfile.TemporaryDirectory(prefix="dcproto-worker-")
         self.workdir = Path(self._tmp.name)
         self._children = [Child(self.workdir) for _ in range(slots)]
-        self._room = asyncio.Event()  # set when a child may have room for another task
+        # tasks waiting for a place in a child, oldest first: (depth allowed, where it goes)
+        self._waiting: collections.deque[tuple[int, asyncio.Future[Child]]] = collections.deque()
         # keyed by (task_id, attempt): a re-sent task may overlap its abandoned attempt
         self._abandoned: set[tuple[int, int]] = set()
         self._running: dict[tuple[int, int], Child] = {}
@@ -214,15 +216,41 @@ class Runner:
         seconds = self._task_seconds.get(project.project_id)
         return PIPELINE_DEPTH if seconds is not None and seconds < SHORT_TASK else 1
 
+    def _least_loaded(self, depth: int) -> Child | None:
+        """The child with the fewest tasks, if it has fewer than ``depth``."""
+        child = min(self._children, key=lambda c: c.reserved)
+        return child if child.reserved < depth else None
+
     async def _child_for(self, depth: int) -> Child:
-        """The child with the fewest tasks, once one has fewer than ``depth``; reserved."""
-        while True:
-            child = min(self._children, key=lambda c: c.reserved)
-            if child.reserved < depth:
-                child.reserved += 1
-                return child
-            self._room.clear()
-            await self._room.wait()
+        """A child for one more task, reserved. Waiting tasks are served in arrival order,
+        one per freed place (waking every waiter at each answer cost more than the task)."""
+        child = None if self._waiting else self._least_loaded(depth)
+        if child is not None:
+            child.reserved += 1
+            return child
+        handed: asyncio.Future[Child] = asyncio.get_running_loop().create_future()
+        self._waiting.append((depth, handed))
+        try:
+            return await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():  # a child came just as we left
+                handed.result().reserved -= 1
+                self._hand_out()
+            raise
+
+    def _hand_out(self) -> None:
+        """Give freed places to the tasks waiting longest."""
+        while self._waiting:
+            depth, handed = self._waiting[0]
+            if handed.done():  # its task was cancelled
+                self._waiting.popleft()
+                continue
+            child = self._least_loaded(depth)
+            if child is None:
+                return
+            self._waiting.popleft()
+            child.reserved += 1
+            handed.set_result(child)
 
     async def run(self, project: p.Project, task: p.Task) -> Outcome:
         """Run ``task`` in a child. Cancelling this coroutine while it waits for a child is
@@ -236,7 +264,7 @@ class Runner:
             self._running.pop(key, None)
             self._abandoned.discard(key)
             child.reserved -= 1
-            self._room.set()
+            self._hand_out()
         spent = outcome.stats.get("exec")
         if outcome.outcome == "ok" and isinstance(spent, float):
             previous = self._task_seconds.get(project.project_id, spent)
