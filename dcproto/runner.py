@@ -235,7 +235,10 @@ class Runner:
         except asyncio.CancelledError:
             if handed.done() and not handed.cancelled():  # a child came just as we left
                 handed.result().reserved -= 1
-                self._hand_out()
+            else:  # gone from the line, which must not stay blocked by a task that left it
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove((depth, handed))
+            self._hand_out()
             raise
 
     def _hand_out(self) -> None:

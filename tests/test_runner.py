@@ -797,3 +797,26 @@ async def test_tasks_with_a_time_limit_are_never_pipelined(runner: Runner) -> No
     outcomes, peak = await run_all(runner, project, [make_task(project, [i]) for i in range(8)])
     assert peak == 1
     assert [pairs(o) for o in outcomes] == [[(i, i * i)] for i in range(8)]
+
+
+async def test_tasks_cancelled_while_waiting_do_not_block_later_ones(
+    runner: Runner, tmp_path: Path
+) -> None:
+    # what a stop does to a worker: the tasks waiting for a child are cancelled, the running
+    # one is abandoned; the next project's tasks must still find the child free
+    sleeper = make_project(MarkThenSleep)
+    marker = tmp_path / "started"
+    running = make_task(sleeper, [str(marker)])
+    running_run = asyncio.create_task(runner.run(sleeper, running))
+    await wait_for_file(marker)
+    waiting = [
+        asyncio.create_task(run(runner, sleeper, [str(tmp_path / f"w{i}")])) for i in range(3)
+    ]
+    await asyncio.sleep(0.05)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert runner.abandon(running.task_id) is True
+    assert (await running_run).outcome == "abandoned"
+    after = await asyncio.wait_for(run(runner, make_project(Square, project_id="sq"), [3]), 5)
+    assert pairs(after) == [(3, 9)]
