@@ -103,13 +103,20 @@ class Child:
         )
         self.loaded.clear()
         self.stray_signal = False
-        self._reader = asyncio.create_task(self._read_answers(self.process))
+        # a queue per process: whatever was sent to a process that died is failed by that
+        # process's reader, even once a task has started the next process
+        self.queue = OrderedDict()
+        self._reader = asyncio.create_task(self._read_answers(self.process, self.queue))
 
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
-    async def _read_answers(self, process: asyncio.subprocess.Process) -> None:
+    async def _read_answers(
+        self,
+        process: asyncio.subprocess.Process,
+        queue: OrderedDict[tuple[int, int], asyncio.Future[list[Any]]],
+    ) -> None:
         assert process.stdout is not None
         try:
             while True:
@@ -117,18 +124,18 @@ class Child:
                 (size,) = p.HEADER.unpack(header)
                 body = await process.stdout.readexactly(size)
                 answer = msgpack.unpackb(body, raw=False)
-                if self.queue:  # answers come in the order the tasks were sent
-                    _, future = self.queue.popitem(last=False)
+                if queue:  # answers come in the order the tasks were sent
+                    _, future = queue.popitem(last=False)
                     if not future.done():
                         future.set_result(answer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         code = await process.wait()
-        if self.process is process:
-            lost, self.queue = list(self.queue.values()), OrderedDict()
-            for index, future in enumerate(lost):
-                if not future.done():  # the first was running; the others never started
-                    future.set_exception(ChildDied(code) if index == 0 else ChildGone())
+        lost = list(queue.values())
+        queue.clear()
+        for index, future in enumerate(lost):
+            if not future.done():  # the first was running; the others never started
+                future.set_exception(ChildDied(code) if index == 0 else ChildGone())
 
     def send(self, command: list[Any]) -> None:
         assert self.process is not None and self.process.stdin is not None
