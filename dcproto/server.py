@@ -212,8 +212,8 @@ class Server:
         or soon) before sending the rest.
 
         Only messages that tell a creator something is stored (COMMIT_FIRST: Accepted, More,
-        Finished, ...) wait for the commit; so does anything queued behind them on the same
-        connection. Workers never wait: if the server dies before the commit, a result for a
+        Attached, ProjectList) wait for the commit; so does anything queued behind them on the
+        same connection. Workers never wait: if the server dies before the commit, a result for a
         task it never stored is dropped as unknown, and the creator resends the task (it keeps
         every task until More.stored covers it). Only a task id must never come back for a
         different task after a restart, so ids are handed out under a stored ceiling, raised a
