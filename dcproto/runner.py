@@ -39,6 +39,7 @@ KILL_GRACE = 1.0  # seconds a child gets to give up a task before it is killed
 SPAWN_TIMEOUT = 30.0
 PIPELINE_DEPTH = 4  # tasks a child may hold at once, when they are short
 SHORT_TASK = 0.002  # seconds: a project whose tasks average less is pipelined
+MAX_TIMED_PROJECTS = 256  # projects whose task times are remembered
 
 
 @dataclass(slots=True)
@@ -192,7 +193,8 @@ class Runner:
         # keyed by (task_id, attempt): a re-sent task may overlap its abandoned attempt
         self._abandoned: set[tuple[int, int]] = set()
         self._running: dict[tuple[int, int], Child] = {}
-        self._task_seconds: dict[str, float] = {}  # per project: average time a task takes
+        # per project (the latest MAX_TIMED_PROJECTS): the average time one of its tasks takes
+        self._task_seconds: OrderedDict[str, float] = OrderedDict()
 
     async def start(self) -> None:
         await asyncio.gather(*(child.start() for child in self._children))
@@ -277,8 +279,10 @@ class Runner:
             self._hand_out()
         spent = outcome.stats.get("exec")
         if outcome.outcome == "ok" and isinstance(spent, float):
-            previous = self._task_seconds.get(project.project_id, spent)
+            previous = self._task_seconds.pop(project.project_id, spent)
             self._task_seconds[project.project_id] = 0.8 * previous + 0.2 * spent
+            if len(self._task_seconds) > MAX_TIMED_PROJECTS:
+                self._task_seconds.popitem(last=False)
         return outcome
 
     async def _run_in(self, child: Child, project: p.Project, task: p.Task) -> Outcome:
