@@ -35,7 +35,7 @@ from typing import Any
 import cloudpickle
 import msgpack
 
-from .protocol import HEADER
+from .protocol import HEADER, Decoder
 
 OUTPUT_DIR_ENV = "DCPROTO_OUTPUT_DIR"
 MAX_OUTPUT_BYTES = 32 * 1024 * 1024  # additional files of one task, in total
@@ -220,26 +220,18 @@ class _CommandReader:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.buffer = bytearray()
+        # the worker is trusted and its frames are bounded by the server's: no limit here
+        # beyond what the 4-byte header can say
+        self.decoder = Decoder(max_frame=2 ** (8 * HEADER.size) - 1)
 
     def next_body(self) -> bytes | None:
         """The next frame's body; None when the worker has closed the pipe."""
-        buffer = self.buffer
-        while True:
-            if len(buffer) >= HEADER.size:
-                (size,) = HEADER.unpack_from(buffer)
-                end = HEADER.size + size
-                if len(buffer) >= end:
-                    body = bytes(buffer[HEADER.size : end])
-                    del buffer[:end]
-                    return body
-                wanted = end - len(buffer)
-            else:
-                wanted = HEADER.size - len(buffer)
-            chunk = os.read(self.fd, max(READ_CHUNK, wanted))
+        while (body := self.decoder.next_frame()) is None:
+            chunk = os.read(self.fd, READ_CHUNK)  # a pipe holds 64 KiB: no point asking more
             if not chunk:
                 return None
-            buffer += chunk
+            self.decoder.append(chunk)
+        return body
 
 
 def _write_frame(fd: int, body: bytes) -> None:
