@@ -137,7 +137,7 @@ class DcprotoSystem(System):
         port = free_port()
         self.server = self._popen(
             [
-                *console_script("dcproto-server", "dcproto.server"),
+                *console_script("dcproto-server", "dcproto.server.server"),
                 "--host", "127.0.0.1",
                 "--port", str(port),
                 "--secret", self.secret,
@@ -150,7 +150,7 @@ class DcprotoSystem(System):
         add_user(User(name=self.user, host="127.0.0.1", port=port, secret=self.secret))
         self.worker = self._popen(
             [
-                *console_script("dcproto-worker", "dcproto.worker"),
+                *console_script("dcproto-worker", "dcproto.worker.worker"),
                 "connect", f"127.0.0.1:{port}",
                 "--secret", self.secret,
                 "--slots", str(w.SLOTS),

@@ -36,7 +36,7 @@ class Server:
         args = [
             sys.executable,
             "-m",
-            "dcproto.server",
+            "dcproto.server.server",
             "--port",
             str(port),
             "--secret",
@@ -85,7 +85,7 @@ def start_worker(port: int, slots: int = 1, name: str = "") -> subprocess.Popen[
         [
             sys.executable,
             "-m",
-            "dcproto.worker",
+            "dcproto.worker.worker",
             "connect",
             f"127.0.0.1:{port}",
             "--secret",

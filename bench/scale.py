@@ -67,8 +67,8 @@ from typing import Any
 import cloudpickle
 
 from dcproto import protocol as p
-from dcproto.client import open_session
-from dcproto.creator import Distribute
+from dcproto.connection import open_session
+from dcproto.creator.creator import Distribute
 from dcproto.users import CONFIG_DIR_ENV, User, add_user
 
 USER = "scale"
@@ -80,7 +80,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 #: time charges whatever ran when the server was descheduled).
 PROFILED_SERVER = """
 import cProfile, sys
-from dcproto.server import main
+from dcproto.server.server import main
 profile = cProfile.Profile()
 profile.enable()
 try:
@@ -107,7 +107,7 @@ def raise_nofile(wanted: int) -> int:
 
 
 class ServerProcess:
-    """``python -m dcproto.server`` on 127.0.0.1 and a free port, optionally under cProfile."""
+    """``python -m dcproto.server.server`` on 127.0.0.1 and a free port, maybe under cProfile."""
 
     def __init__(
         self,
@@ -121,7 +121,7 @@ class ServerProcess:
         self.secret = secret
         self.log_path = directory / "server.log"
         if profile is None:
-            command = [sys.executable, "-m", "dcproto.server"]
+            command = [sys.executable, "-m", "dcproto.server.server"]
         else:
             command = [sys.executable, "-c", PROFILED_SERVER, str(profile)]
         command += [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .child import OUTPUT_DIR_ENV
-from .creator import Distribute, Progress, ProjectHandle, attach
+from .creator.creator import Distribute, Progress, ProjectHandle, attach
+from .creator.results import load_results
 from .errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -20,7 +20,7 @@ from .errors import (
     TaskFailed,
     UnhashableItemError,
 )
-from .results import load_results
+from .paths import OUTPUT_DIR_ENV
 
 __version__ = "0.1.0"
 

@@ -61,8 +61,8 @@ def users_command(args: argparse.Namespace) -> int:
 
 
 def projects_command(args: argparse.Namespace) -> int:
-    from .client import call, get_client
-    from .creator import attach
+    from .creator.client import call, get_client
+    from .creator.creator import attach
 
     if args.action == "list":
         user = users.get_user(args.user)
@@ -98,11 +98,11 @@ def projects_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "server":
-        from .server import main as server_main
+        from .server.server import main as server_main
 
         return server_main(argv[1:])
     if argv and argv[0] == "worker":
-        from .worker import main as worker_main
+        from .worker.worker import main as worker_main
 
         return worker_main(argv[1:])
     args = build_parser().parse_args(argv)

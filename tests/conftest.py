@@ -1,9 +1,9 @@
 """Fixtures for the integration tests: real server and worker processes on 127.0.0.1.
 
-* ``server`` -- a ``python -m dcproto.server --port 0`` process (``make_server`` for one with
+* ``server`` -- a ``python -m dcproto.server.server --port 0`` process (``make_server`` for one with
   other options), killed at teardown;
-* ``start_worker(*extra_args)`` -- ``python -m dcproto.worker connect 127.0.0.1:PORT`` processes,
-  each in its own session so teardown can kill it together with its child processes;
+* ``start_worker(*extra_args)`` -- ``python -m dcproto.worker.worker connect 127.0.0.1:PORT``
+  processes, each in its own session so teardown can kill it together with its child processes;
 * ``config_dir`` / ``user`` -- a private ``$DCPROTO_CONFIG_DIR`` and a user "home" for ``server``.
 
 When a test fails, the logs of its server and workers are printed at teardown.
@@ -108,7 +108,7 @@ def _start_server(
             [
                 sys.executable,
                 "-m",
-                "dcproto.server",
+                "dcproto.server.server",
                 "--port",
                 str(port),
                 "--state-dir",
@@ -184,7 +184,7 @@ def make_server(
 
 @pytest.fixture
 def server(make_server: Callable[..., ServerProcess]) -> ServerProcess:
-    """A real ``dcproto.server`` process with a short heartbeat, on a free port."""
+    """A real ``dcproto.server.server`` process with a short heartbeat, on a free port."""
     return make_server()
 
 
@@ -247,7 +247,7 @@ def start_worker(
                 [
                     sys.executable,
                     "-m",
-                    "dcproto.worker",
+                    "dcproto.worker.worker",
                     "connect",
                     f"127.0.0.1:{server.port}",
                     "--secret",

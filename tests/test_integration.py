@@ -38,9 +38,9 @@ from dcproto import (
     load_results,
 )
 from dcproto import protocol as p
-from dcproto.creator import attach
+from dcproto.creator.creator import attach
 from dcproto.errors import UnknownUserError
-from dcproto.server import HANDSHAKE_TIMEOUT
+from dcproto.server.server import HANDSHAKE_TIMEOUT
 from dcproto.users import User, add_user, get_user, load_users
 
 pytestmark = pytest.mark.timeout(60)
@@ -55,7 +55,7 @@ def bin_command(name: str, module: str) -> list[str]:
 
 
 DCPROTO = bin_command("dcproto", "dcproto.cli")
-DCPROTO_WORKER = bin_command("dcproto-worker", "dcproto.worker")
+DCPROTO_WORKER = bin_command("dcproto-worker", "dcproto.worker.worker")
 
 
 def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:

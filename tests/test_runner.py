@@ -1,4 +1,4 @@
-"""Tests for dcproto.runner and dcproto.child: real child processes running pickled user code.
+"""Tests for the worker's runner and child: real child processes running pickled user code.
 
 User classes are defined in this module and pickled by value (see :func:`make_project`), so the
 child, which cannot import this test module, rebuilds them from the bytes alone.
@@ -24,8 +24,8 @@ import cloudpickle
 import pytest
 
 from dcproto import protocol as p
-from dcproto.child import MAX_LOADED_PROJECTS, MAX_OUTPUT_BYTES, MAX_OUTPUT_FILES
-from dcproto.runner import KILL_GRACE, PIPELINE_DEPTH, Outcome, Runner
+from dcproto.worker.child import MAX_LOADED_PROJECTS, MAX_OUTPUT_BYTES, MAX_OUTPUT_FILES
+from dcproto.worker.runner import KILL_GRACE, PIPELINE_DEPTH, Outcome, Runner
 
 _task_ids = itertools.count(1)
 

@@ -1,4 +1,4 @@
-"""Tests for dcproto.scheduler: the server's pure state machine (events in, actions out).
+"""Tests for dcproto.server.scheduler: the server's pure state machine (events in, actions out).
 
 No sockets, no sleeps: time is always the injected ``now``.
 """
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dcproto import protocol as p
-from dcproto.scheduler import (
-    DEFAULT_OPTIONS,
+from dcproto.options import DEFAULT_OPTIONS, normalize_options
+from dcproto.server.scheduler import (
     MIN_WINDOW,
     TASK_TRANSITIONS,
     AbandonTasks,
@@ -27,7 +27,6 @@ from dcproto.scheduler import (
     StoreTasks,
     TaskState,
     ToCreator,
-    normalize_options,
 )
 
 CREATOR = "creator-1"

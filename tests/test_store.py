@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dcproto.store import FILE_PAYLOAD_MIN, RESULTS_DIR, StateError, Store
+from dcproto.server.store import FILE_PAYLOAD_MIN, RESULTS_DIR, StateError, Store
 
 
 def record(seq: int, payload: bytes) -> dict[str, Any]:

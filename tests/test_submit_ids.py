@@ -23,9 +23,9 @@ import pytest
 from conftest import ServerProcess, WorkerProcess
 
 from dcproto import protocol as p
-from dcproto.creator import pickle_class
-from dcproto.server import TASK_ID_BLOCK
-from dcproto.store import DB_FILE
+from dcproto.creator.creator import pickle_class
+from dcproto.server.server import TASK_ID_BLOCK
+from dcproto.server.store import DB_FILE
 
 TIMEOUT = 20.0  # generous: a failure shows as a timeout, a pass takes a fraction of it
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from dcproto.creator.run import pickle_items, task_chunks
 from dcproto.errors import UnhashableItemError
-from dcproto.run import pickle_items, task_chunks
 
 
 def test_a_range_is_cut_into_sub_ranges() -> None:

@@ -862,7 +862,7 @@ def test_server_refuses_a_read_only_state_dir(
             [
                 sys.executable,
                 "-m",
-                "dcproto.server",
+                "dcproto.server.server",
                 "--port",
                 "0",
                 "--state-dir",
@@ -920,7 +920,7 @@ def test_sigterm_right_after_the_banner_stops_cleanly(tmp_path: Path) -> None:
         with open(tmp_path / "server.log", "w") as log:
             proc = subprocess.Popen(
                 [
-                    *(sys.executable, "-m", "dcproto.server", "--port", str(port)),
+                    *(sys.executable, "-m", "dcproto.server.server", "--port", str(port)),
                     *("--state-dir", str(tmp_path / "state"), "--secret", "s3cret"),
                 ],
                 stdout=write_fd,

@@ -10,10 +10,10 @@ import asyncio
 import secrets
 from dataclasses import dataclass
 
+from ..server.server import Server
+from ..worker.runner import default_slots
+from ..worker.worker import Worker, WorkerConfig
 from .client import on_shutdown
-from .runner import default_slots
-from .server import Server
-from .worker import Worker, WorkerConfig
 
 
 @dataclass

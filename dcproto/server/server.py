@@ -22,14 +22,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import protocol as p
+from .. import protocol as p
+from ..connection import SECRET_ENV, install_uvloop
+from ..errors import LocalProtocolError
+from ..paths import default_state_dir
 from . import scheduler as s
-from .errors import LocalProtocolError
-from .store import StateError, Store, default_state_dir, load_or_create_secret
+from .store import StateError, Store, load_or_create_secret
 
 log = logging.getLogger("dcproto.server")
 
-SECRET_ENV = "DCPROTO_SECRET"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_HEARTBEAT = 5.0
@@ -636,15 +637,6 @@ class Server:
 
 
 # ---- command line ------------------------------------------------------------------------------
-
-
-def install_uvloop() -> bool:
-    try:
-        import uvloop  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
 
 
 def join_host(host: str) -> str:

@@ -35,15 +35,14 @@ from typing import Any
 import cloudpickle
 import msgpack
 
-from .protocol import HEADER, Decoder
+from ..paths import OUTPUT_DIR_ENV
+from ..pickling import PLAIN_TYPES
+from ..protocol import HEADER, Decoder
 
-OUTPUT_DIR_ENV = "DCPROTO_OUTPUT_DIR"
 MAX_OUTPUT_BYTES = 32 * 1024 * 1024  # additional files of one task, in total
 MAX_OUTPUT_FILES = 1000
 MAX_LOADED_PROJECTS = 16
 READ_CHUNK = 1 << 16
-#: Values whose pickle never refers to a class by name, so the C pickler is safe for them.
-PLAIN_TYPES = frozenset({int, float, complex, str, bytes, bool, type(None)})
 MAX_REPORTED_ERRORS = 5  # with errors="skip", how many error texts travel back per task
 
 

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import platformdirs
 
-from .errors import DcprotoError
+from ..errors import DcprotoError
+from ..paths import SECRET_FILE
 
-SECRET_FILE = "secret"
 MAX_PENDING_WRITES = 1_000_000  # writes held in memory while the disk refuses them
 DB_FILE = "state.sqlite3"
 RESULTS_DIR = "results"  # in the state dir: one file of result payloads per project
@@ -95,10 +94,6 @@ class StateError(DcprotoError):
     """The state directory or database cannot be used."""
 
 
-def default_state_dir() -> Path:
-    return Path(platformdirs.user_data_dir("dcproto")) / "server"
-
-
 def load_or_create_secret(state_dir: Path) -> str:
     """The server's secret, made on first start and kept (mode 0600) in the state dir."""
     path = state_dir / SECRET_FILE
@@ -117,14 +112,6 @@ def load_or_create_secret(state_dir: Path) -> str:
     except OSError as exc:
         raise StateError(f"cannot keep the secret in {state_dir}: {exc}") from exc
     return secret
-
-
-def read_secret(state_dir: Path) -> str | None:
-    """The secret of a server on this machine, if its state dir is readable by us."""
-    try:
-        return (state_dir / SECRET_FILE).read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,13 +25,14 @@ from typing import Any
 
 import cloudpickle
 
-from . import protocol as p
-from .client import background_loop, call
-from .errors import (
+from .. import protocol as p
+from ..errors import (
     ConfigurationError,
     ConnectionFailed,
     SerializationError,
 )
+from ..options import normalize_options
+from .client import background_loop, call
 from .results import ResultsWriter
 from .run import ProjectRun
 
@@ -148,7 +149,6 @@ class Distribute:
             "lease_timeout": lease_timeout,
             "errors": errors,
         }
-        from .scheduler import normalize_options
 
         try:
             normalize_options(options)

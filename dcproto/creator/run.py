@@ -21,10 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from . import protocol as p
-from .child import PLAIN_TYPES
-from .client import CreatorClient, get_client
-from .errors import (
+from .. import protocol as p
+from ..errors import (
     ConfigurationError,
     ConnectionFailed,
     DcprotoError,
@@ -36,6 +34,8 @@ from .errors import (
     TaskFailed,
     UnhashableItemError,
 )
+from ..pickling import PLAIN_TYPES
+from .client import CreatorClient, get_client
 
 if TYPE_CHECKING:
     from .creator import ProjectHandle
@@ -102,7 +102,7 @@ class ProjectRun:
                 cluster.host, cluster.port, cluster.secret, reconnect_timeout=0
             )
         else:
-            from .users import get_user
+            from ..users import get_user
 
             user = get_user(spec.user_name)
             if not user.secret:

@@ -7,8 +7,8 @@ import asyncio
 import sys
 from collections.abc import Callable
 
-from . import users
-from .errors import DcprotoError
+from .. import users
+from ..errors import DcprotoError
 from .worker import WorkerConfig, run_worker
 
 HELP = """commands:

@@ -19,9 +19,9 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 
-from . import protocol as p
-from .client import backoff_delays, keep_alive, open_session
-from .errors import (
+from .. import protocol as p
+from ..connection import backoff_delays, keep_alive, open_session
+from ..errors import (
     AuthenticationFailed,
     ConnectionFailed,
     DcprotoError,
@@ -350,9 +350,9 @@ class Worker:
 
 def resolve_target(target: str, secret: str | None) -> tuple[str, int, str, str | None, str | None]:
     """``HOST[:PORT]`` or a user alias -> (host, port, secret, device_id, alias)."""
-    from . import users
-    from .server import SECRET_ENV
-    from .store import default_state_dir, read_secret
+    from .. import users
+    from ..connection import SECRET_ENV
+    from ..paths import default_state_dir, read_secret
 
     known = users.load_users()
     if target in known:
@@ -408,7 +408,7 @@ async def run_worker(config: WorkerConfig, alias: str | None = None) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         if alias is not None and worker.device_id and worker.device_id != config.device_id:
-            from . import users
+            from .. import users
 
             with contextlib.suppress(DcprotoError):
                 users.set_device_id(alias, worker.device_id)
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         prefetch=args.prefetch,
         max_tasks=args.tasks,
     )
-    from .server import install_uvloop
+    from ..connection import install_uvloop
 
     install_uvloop()
     return asyncio.run(run_worker(config, alias))

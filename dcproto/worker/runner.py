@@ -30,8 +30,9 @@ from typing import Any
 
 import msgpack
 
-from . import protocol as p
-from .child import MAX_LOADED_PROJECTS, OUTPUT_DIR_ENV
+from .. import protocol as p
+from ..paths import OUTPUT_DIR_ENV
+from .child import MAX_LOADED_PROJECTS
 
 log = logging.getLogger("dcproto.runner")
 
@@ -96,7 +97,7 @@ class Child:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
-            "from dcproto.child import main; main()",
+            "from dcproto.worker.child import main; main()",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=p.DEFAULT_MAX_FRAME * 2,

@@ -24,7 +24,7 @@ from typing import Any
 
 import cloudpickle
 
-from .errors import ResultsPathError
+from ..errors import ResultsPathError
 
 ADDITIONAL_DIR = "additional_results"
 RESULTS_PICKLE = "results.pickle"

@@ -1,0 +1,1 @@
+"""The creator's side of dcproto."""

@@ -1,0 +1,38 @@
+"""A project's options: their defaults and their checks, shared by the creator (which checks
+them at decoration) and the server (which checks them again at submit)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from . import protocol as p
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "lease_timeout": 30.0,  # seconds without a sign of life before a worker's tasks move on
+    "task_timeout": None,  # seconds one task may run in a worker's child process
+    "max_attempts": 3,  # crashes or timeouts of one task before the project fails
+    "errors": "raise",  # an exception in user code: "raise" fails the project, "skip" drops it
+    "fail_when_unrunnable": False,  # fail at once when no connected worker can run the project
+}
+
+
+def normalize_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Known options with defaults filled in; raises ValueError on a bad value."""
+    merged = dict(DEFAULT_OPTIONS)
+    merged.update({k: v for k, v in options.items() if k in DEFAULT_OPTIONS})
+    if not _positive(merged["lease_timeout"]):
+        raise ValueError("lease_timeout must be a positive number")
+    timeout = merged["task_timeout"]
+    if timeout is not None and not _positive(timeout):
+        raise ValueError("task_timeout must be a positive number or None")
+    if type(merged["max_attempts"]) is not int or merged["max_attempts"] < 1:
+        raise ValueError("max_attempts must be an integer >= 1")
+    if merged["errors"] not in p.ERROR_POLICIES:
+        raise ValueError(f"errors must be one of {p.ERROR_POLICIES}")
+    merged["fail_when_unrunnable"] = bool(merged["fail_when_unrunnable"])
+    return merged
+
+
+def _positive(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value > 0
