@@ -1,25 +1,55 @@
-"""``dcproto``: manage named servers ("users"); ``dcproto server`` / ``dcproto worker`` alias
-the dedicated commands."""
+"""``dcproto``: named servers ("users"), a server's tokens, and projects on a server;
+``dcproto server`` / ``dcproto worker`` alias the dedicated commands."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 import sys
 import time
+from pathlib import Path
 
 from . import users
 from .errors import DcprotoError, ProjectCancelled
+from .paths import default_state_dir
+from .server.statedir import read_record
+from .trust.tls import normalize_fingerprint
+from .trust.tokens import ROLES, TOKEN_ENV, TokenStore, parse_token, read_token_file
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcproto", description="dcproto command line")
     sub = parser.add_subparsers(dest="command", required=True)
-    users_parser = sub.add_parser("users", help="named servers: alias -> address and secret")
+    users_parser = sub.add_parser("users", help="named servers: alias -> address and token")
     users_sub = users_parser.add_subparsers(dest="action", required=True)
-    add = users_sub.add_parser("add", help="add or replace a named server")
+    add = users_sub.add_parser("add", help="add or replace a named server (its join line)")
     add.add_argument("name")
     add.add_argument("address", help="HOST[:PORT]")
-    add.add_argument("--secret", default=None, help="the server's secret")
+    add.add_argument(
+        "--token",
+        default=None,
+        help=f"the token (or --token-file, ${TOKEN_ENV}, or asked for on a terminal)",
+    )
+    add.add_argument("--token-file", type=Path, default=None, help="a file holding the token")
+    add.add_argument(
+        "--fingerprint", default=None, help="the server certificate's sha256 fingerprint (pin)"
+    )
+    add.add_argument(
+        "--insecure", action="store_true", help="plain TCP, for a server run with --insecure"
+    )
+    tokens = sub.add_parser("tokens", help="a server's tokens (run where its state dir is)")
+    tokens_sub = tokens.add_subparsers(dest="action", required=True)
+    token_add = tokens_sub.add_parser("add", help="make a token and print its join line")
+    token_add.add_argument("name")
+    token_add.add_argument("--role", required=True, choices=ROLES)
+    token_list = tokens_sub.add_parser("list", help="list the tokens")
+    token_revoke = tokens_sub.add_parser("revoke", help="revoke a token; its connections close")
+    token_revoke.add_argument("name")
+    for command in (token_add, token_list, token_revoke):
+        command.add_argument(
+            "--state-dir", type=Path, default=default_state_dir(), help="the server's state dir"
+        )
     users_sub.add_parser("list", help="list named servers")
     remove = users_sub.add_parser("remove", help="forget a named server")
     remove.add_argument("name")
@@ -42,18 +72,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _token_for_user(args: argparse.Namespace) -> str | None:
+    if args.token is not None:
+        token: str = args.token.strip()
+    elif args.token_file is not None:
+        token = read_token_file(args.token_file)
+    elif os.environ.get(TOKEN_ENV):
+        token = os.environ[TOKEN_ENV].strip()
+    elif sys.stdin.isatty():
+        token = getpass.getpass(f"token for {args.name} (NAME.SECRET): ").strip()
+    else:
+        return None
+    parse_token(token)
+    return token
+
+
 def users_command(args: argparse.Namespace) -> int:
     if args.action == "add":
         host, port = users.parse_address(args.address)
-        users.add_user(users.User(name=args.name, host=host, port=port, secret=args.secret))
-        print(f"added {args.name} -> {host}:{port} ({users.config_path()})")
+        fingerprint = None
+        if args.fingerprint is not None:
+            fingerprint = normalize_fingerprint(args.fingerprint)
+        token = _token_for_user(args)
+        users.add_user(
+            users.User(
+                name=args.name,
+                host=host,
+                port=port,
+                token=token,
+                fingerprint=fingerprint,
+                insecure=args.insecure,
+            )
+        )
+        trust = "TLS, pinned" if fingerprint else "plain TCP" if args.insecure else "TLS, CA"
+        print(f"added {args.name} -> {host}:{port} ({trust}; {users.config_path()})")
+        if token is None:
+            print("no token kept: give one with --token-file or $DCPROTO_TOKEN when connecting")
     elif args.action == "list":
         known = users.load_users()
         if not known:
-            print("no users; add one with: dcproto users add NAME HOST[:PORT] --secret ...")
+            print("no users; add one with the join line a server's admin gives you")
         for user in known.values():
-            secret = "secret set" if user.secret else "no secret"
-            print(f"{user.name}\t{user.address}\t{secret}")
+            token = f"token {user.token.rsplit('.', 1)[0]}" if user.token else "no token"
+            trust = "pinned" if user.fingerprint else "insecure" if user.insecure else "CA"
+            print(f"{user.name}\t{user.address}\t{token}\t{trust}")
     else:
         users.remove_user(args.name)
         print(f"removed {args.name}")
@@ -65,10 +127,10 @@ def projects_command(args: argparse.Namespace) -> int:
     from .creator.creator import attach
 
     if args.action == "list":
-        user = users.get_user(args.user)
+        endpoint = users.get_user(args.user).endpoint()
 
         async def listing() -> list[dict[str, object]]:
-            client = await get_client(user.host, user.port, user.secret or "")
+            client = await get_client(endpoint)
             return await client.list_projects()
 
         rows = call(listing(), timeout=30)
@@ -95,6 +157,35 @@ def projects_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def tokens_command(args: argparse.Namespace) -> int:
+    """Works whether the server runs or not: a running server picks the change up by itself
+    (and closes a revoked token's connections)."""
+    store = TokenStore(args.state_dir)
+    if args.action == "add":
+        token = store.add(args.name, args.role)
+        record = read_record(args.state_dir)
+        print(f"token {args.name} ({args.role}) added; it is shown only now.")
+        if record is None:
+            print(f"token: {token}")
+            print("(no server has run on this state dir yet: start it to get a join line)")
+        else:
+            print("on the new member's machine, run:")
+            print(f"  {record.join_line(args.name, token)}")
+    elif args.action == "list":
+        records = store.records()
+        if not records:
+            print("no tokens")
+        for item in records:
+            created = time.strftime("%Y-%m-%d %H:%M", time.localtime(item.created_at))
+            print(f"{item.name}\t{item.role}\tcreated {created}")
+    else:
+        if not store.revoke(args.name):
+            print(f"dcproto: no token named {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"token {args.name} revoked; a running server closes its connections")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "server":
@@ -109,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "projects":
             return projects_command(args)
+        if args.command == "tokens":
+            return tokens_command(args)
         return users_command(args)
     except DcprotoError as exc:
         print(f"dcproto: {exc}", file=sys.stderr)

@@ -9,8 +9,12 @@ Every error dcproto raises derives from :class:`DcprotoError`:
         * :class:`UnknownUserError` -- no named server ("user") of that name
     * :class:`SerializationError` -- a class, item or value could not be pickled or unpickled
         * :class:`UnhashableItemError` -- an item cannot be a key of the results dict
+        * :class:`UnsafeResult` -- a worker's value is of a type outside the allow-list
+    * :class:`IdentityError` -- the server's key or certificate cannot be made or loaded
     * :class:`ConnectionFailed` -- the server cannot be reached or went away
-        * :class:`AuthenticationFailed` -- the server refused our secret
+        * :class:`AuthenticationFailed` -- the server refused our token
+        * :class:`CertificateMismatch` -- the server is not the one whose certificate we pinned
+    * :class:`PermissionDenied` -- our token's role, or a project's owner, does not allow that
     * :class:`ProtocolError` -- a frame broke the protocol
         * :class:`RemoteProtocolError` -- the peer sent something invalid
         * :class:`LocalProtocolError` -- we tried to send something invalid
@@ -57,12 +61,38 @@ class UnhashableItemError(SerializationError):
     """An item of the iterator cannot be used as a key of the results dict."""
 
 
+class UnsafeResult(SerializationError):
+    """A value from a worker holds a type outside the safe decoder's allow-list (the project
+    did not opt in to ``trust_workers``). ``type_name`` names the refused type."""
+
+    def __init__(self, message: str, *, type_name: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+
+
+class IdentityError(DcprotoError):
+    """The server's TLS key or certificate cannot be made, read or used."""
+
+
 class ConnectionFailed(DcprotoError):
     """The server cannot be reached, or the connection was lost."""
 
 
 class AuthenticationFailed(ConnectionFailed):
-    """The server refused the secret we presented."""
+    """The server refused the token we presented (unknown, revoked or wrong)."""
+
+
+class CertificateMismatch(ConnectionFailed):
+    """The server's certificate is not the pinned one: nothing was sent to it."""
+
+    def __init__(self, message: str, *, expected: str, actual: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+
+
+class PermissionDenied(DcprotoError):
+    """The server refused a request because of our token's role or a project's owner."""
 
 
 class ProtocolError(DcprotoError):

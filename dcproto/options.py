@@ -13,7 +13,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "task_timeout": None,  # seconds one task may run in a worker's child process
     "max_attempts": 3,  # crashes or timeouts of one task before the project fails
     "errors": "raise",  # an exception in user code: "raise" fails the project, "skip" drops it
-    "fail_when_unrunnable": False,  # fail at once when no connected worker can run the project
+    "fail_when_unrunnable": False,  # fail at once when no connected worker can run it
+    # decode workers' values with full pickle (code may run) instead of the safe decoder
+    "trust_workers": False,
 }
 
 
@@ -31,6 +33,8 @@ def normalize_options(options: dict[str, Any]) -> dict[str, Any]:
     if merged["errors"] not in p.ERROR_POLICIES:
         raise ValueError(f"errors must be one of {p.ERROR_POLICIES}")
     merged["fail_when_unrunnable"] = bool(merged["fail_when_unrunnable"])
+    if type(merged["trust_workers"]) is not bool:
+        raise ValueError("trust_workers must be True or False")
     return merged
 
 

@@ -3,11 +3,14 @@ environment variable that tells a task where to write its extra files."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
 
-SECRET_FILE = "secret"
+SERVER_FILE = "server.json"  # written by the server: its address and certificate pin
+ADMIN_TOKEN_FILE = "admin.token"  # the first admin token, mode 0600
 OUTPUT_DIR_ENV = "DCPROTO_OUTPUT_DIR"
 
 
@@ -15,9 +18,31 @@ def default_state_dir() -> Path:
     return Path(platformdirs.user_data_dir("dcproto")) / "server"
 
 
-def read_secret(state_dir: Path) -> str | None:
-    """The secret of a server on this machine, if its state dir is readable by us."""
+@dataclass(frozen=True)
+class LocalServer:
+    """What a client on the server's own machine may read from its state dir."""
+
+    token: str | None
+    fingerprint: str | None
+    insecure: bool
+
+
+def read_local_server(state_dir: Path) -> LocalServer | None:
+    """The admin token and certificate pin of a server of ours on this machine, if its state
+    dir is readable by us (the same account); None otherwise."""
     try:
-        return (state_dir / SECRET_FILE).read_text(encoding="utf-8").strip() or None
-    except OSError:
+        record = json.loads((state_dir / SERVER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    try:
+        token = (state_dir / ADMIN_TOKEN_FILE).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        token = None
+    if not isinstance(record, dict):
+        return None
+    fingerprint = record.get("fingerprint")
+    return LocalServer(
+        token=token,
+        fingerprint=fingerprint if isinstance(fingerprint, str) else None,
+        insecure=record.get("insecure") is True,
+    )

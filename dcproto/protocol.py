@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
-import hmac
 import math
 import operator
 import re
@@ -33,7 +31,7 @@ import msgpack
 
 from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION = 2  # 2: creator-chosen project ids, INITIAL_CREDIT
+PROTOCOL_VERSION = 3  # 2: creator-chosen project ids, INITIAL_CREDIT; 3: tokens, ranges, TLS
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 #: The handshake happens before the peer is authenticated, so it gets a much smaller limit.
@@ -46,20 +44,22 @@ SILENCE_FACTOR = 3
 # tasks a creator may send right behind its Submit, so a project starts without a round trip
 INITIAL_CREDIT = 32
 PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a token's name
+#: Every integer field is at most this unless INT_RANGES says otherwise: it fits a double, and
+#: SQLite's signed 64-bit integers with room for any sum the server computes.
+MAX_INT = 2**53
+MAX_SLOTS = 1024  # tasks one worker runs at once
+MAX_CREDIT = 1 << 16  # credit one message may grant
+MAX_TASKS_PER_FRAME = 4096
+MAX_TEXT = 4096  # names, reasons and messages
+MAX_NAME = 200  # project, device and method names
+MAX_MODULES = 256
+MAX_FILES = 1000  # extra files of one task
 
 ROLES = ("worker", "creator")
 RESULT_OUTCOMES = ("ok", "stop", "error", "crash", "timeout", "abandoned", "load_error")
 PROJECT_STATUSES = ("done", "stopped", "failed", "cancelled")
 ERROR_POLICIES = ("raise", "skip")
-
-
-def auth_token(secret: str, nonce: bytes) -> bytes:
-    """The proof of the shared secret a client sends in :class:`Hello`."""
-    return hmac.new(secret.encode("utf-8"), nonce, hashlib.sha256).digest()
-
-
-def check_auth(secret: str, nonce: bytes, token: bytes) -> bool:
-    return hmac.compare_digest(auth_token(secret, nonce), token)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,17 +89,18 @@ class Challenge(Message):
     def _validate(self) -> None:
         if len(self.nonce) < MIN_NONCE:
             raise ValueError(f"nonce must be at least {MIN_NONCE} bytes")
-        _check_max_frame(self.max_frame)
 
 
 @_msg
 class Hello(Message):
-    """Client -> server: who we are and proof of the secret (HMAC-SHA256 of the nonce)."""
+    """Client -> server: who we are (a token's name) and the proof that we hold that token,
+    over the server's nonce and certificate (see *Authentication*)."""
 
     TYPE = 2
     version: int
     role: str
-    auth: bytes
+    identity: str
+    proof: bytes
     device_id: str | None
     name: str
     slots: int
@@ -107,8 +108,8 @@ class Hello(Message):
     def _validate(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}")
-        if self.slots < 0:
-            raise ValueError("slots must be >= 0")
+        if not IDENTITY.fullmatch(self.identity):
+            raise ValueError("identity must be a token name (1 to 64 of A-Z a-z 0-9 _ -)")
 
 
 @_msg
@@ -123,7 +124,6 @@ class Welcome(Message):
     def _validate(self) -> None:
         if not math.isfinite(self.heartbeat_interval) or self.heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be a positive number")
-        _check_max_frame(self.max_frame)
 
 
 @_msg
@@ -156,10 +156,6 @@ class Credit(Message):
 
     TYPE = 10
     credit: int
-
-    def _validate(self) -> None:
-        if self.credit < 1:
-            raise ValueError("credit must be >= 1")
 
 
 @_msg
@@ -215,8 +211,8 @@ class Result(Message):
     def _validate(self) -> None:
         if self.outcome not in RESULT_OUTCOMES:
             raise ValueError(f"outcome must be one of {RESULT_OUTCOMES}")
-        if self.credit < 0:
-            raise ValueError("credit must be >= 0")
+        if self.n_kept > self.n_items:
+            raise ValueError("n_kept must be <= n_items")
         _check_files(self.files)
 
 
@@ -246,6 +242,9 @@ class Submit(Message):
     def _validate(self) -> None:
         if not PROJECT_ID.fullmatch(self.project_id):
             raise ValueError("project_id must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-'")
+        for module in self.modules:
+            if not module or len(module) > MAX_NAME:
+                raise ValueError(f"each module name must be 1 to {MAX_NAME} characters")
 
 
 @_msg
@@ -276,6 +275,8 @@ class Tasks(Message):
                 or type(entry[2]) is not int
             ):
                 raise ValueError("each task must be [seq:int, items:bin, n_items:int]")
+            if not (0 <= entry[0] <= MAX_INT and 0 <= entry[2] <= MAX_INT):
+                raise ValueError(f"a task's seq and n_items must be in 0..{MAX_INT}")
 
 
 @_msg
@@ -301,11 +302,13 @@ class More(Message):
 
 @_msg
 class TaskDone(Message):
-    """Server -> creator: one task's kept results (an opaque pickled dict) and its files."""
+    """Server -> creator: one task's kept results (the worker's opaque pickled dict, keyed by
+    the item's index in the task), the task's items as the creator sent them, and its files."""
 
     TYPE = 25
     project_id: str
     seq: int
+    items: bytes
     payload: bytes
     n_items: int
     n_kept: int
@@ -318,7 +321,8 @@ class TaskDone(Message):
 
 @_msg
 class Finished(Message):
-    """Server -> creator: the project ended. ``stop`` is ``[seq, payload]`` when stopped."""
+    """Server -> creator: the project ended. ``stop`` is ``[seq, items, payload]`` when
+    stopped: the task's items as the creator sent them and the worker's payload."""
 
     TYPE = 26
     project_id: str
@@ -330,6 +334,13 @@ class Finished(Message):
     def _validate(self) -> None:
         if self.status not in PROJECT_STATUSES:
             raise ValueError(f"status must be one of {PROJECT_STATUSES}")
+        if self.stop is not None and (
+            len(self.stop) != 3
+            or type(self.stop[0]) is not int
+            or not isinstance(self.stop[1], bytes)
+            or not isinstance(self.stop[2], bytes)
+        ):
+            raise ValueError("stop must be [seq:int, items:bin, payload:bin] or nil")
 
 
 @_msg
@@ -402,11 +413,6 @@ class ProjectList(Message):
     TYPE = 33
     ref: int
     projects: list[Any]
-
-
-def _check_max_frame(max_frame: int) -> None:
-    if max_frame < MIN_MAX_FRAME:
-        raise ValueError(f"max_frame must be at least {MIN_MAX_FRAME}")
 
 
 def _check_files(files: list[Any]) -> None:
@@ -524,9 +530,10 @@ def decode(body: bytes | memoryview) -> Message:
 
 
 def _check_fields(message: Message) -> None:
-    if _FAST_CHECKS[type(message)](message):
-        return
-    _check_fields_precisely(message)
+    if not _FAST_CHECKS[type(message)](message):
+        _check_fields_precisely(message)
+    if not _LIMITS[type(message)](message):
+        raise ValueError(_explain_limits(message))
 
 
 def _check_fields_precisely(message: Message) -> None:
@@ -605,6 +612,93 @@ def _fast_check(cls: type[Message]) -> Callable[[Message], bool]:
 
 
 _FAST_CHECKS = {cls: _fast_check(cls) for cls in MESSAGE_TYPES}
+
+
+# ---- ranges and lengths ----------------------------------------------------------------------
+
+#: (message, int field) -> inclusive range. Int fields not listed: 0 .. MAX_INT. The elements of
+#: a ``list[int]`` field share its range.
+INT_RANGES: dict[tuple[str, str], tuple[int, int]] = {
+    ("Challenge", "version"): (0, 65535),
+    ("Hello", "version"): (0, 65535),
+    ("Challenge", "max_frame"): (MIN_MAX_FRAME, 2**31),
+    ("Welcome", "max_frame"): (MIN_MAX_FRAME, 2**31),
+    ("Hello", "slots"): (0, MAX_SLOTS),
+    ("Credit", "credit"): (1, MAX_CREDIT),
+    ("Result", "credit"): (0, MAX_CREDIT),
+    ("Task", "attempt"): (0, 2**31),
+    ("Result", "attempt"): (0, 2**31),
+}
+#: (message, str/bytes/list field) -> most characters, bytes or entries. Fields not listed are
+#: bounded by the frame size only.
+LENGTHS: dict[tuple[str, str], int] = {
+    ("Challenge", "nonce"): 1024,
+    ("Hello", "proof"): 64,
+    ("Hello", "device_id"): 64,
+    ("Hello", "name"): MAX_NAME,
+    ("Welcome", "device_id"): 64,
+    ("Error", "code"): 64,
+    ("Error", "message"): MAX_TEXT,
+    ("Goodbye", "reason"): MAX_TEXT,
+    ("Project", "modules"): MAX_MODULES,
+    ("Reject", "reason"): MAX_TEXT,
+    ("Result", "files"): MAX_FILES,
+    ("Abandon", "task_ids"): MAX_CREDIT,
+    ("Submit", "name"): MAX_NAME,
+    ("Submit", "modules"): MAX_MODULES,
+    ("Submit", "parallel"): MAX_NAME,
+    ("Submit", "stop"): MAX_NAME,
+    ("Submit", "only_if"): MAX_NAME,
+    ("Tasks", "tasks"): MAX_TASKS_PER_FRAME,
+    ("TaskDone", "files"): MAX_FILES,
+    ("Notice", "level"): 32,
+    ("Notice", "text"): MAX_TEXT,
+}
+
+
+def _int_range(cls: type[Message], name: str) -> tuple[int, int]:
+    return INT_RANGES.get((cls.__name__, name), (0, MAX_INT))
+
+
+def _limits_check(cls: type[Message]) -> Callable[[Message], bool]:
+    """A generated predicate: True when every int field of a ``cls`` message is in its range
+    and every limited field within its length. Runs after the type check, on every frame."""
+    terms: list[str] = []
+    for name, annotation, _ in SCHEMA[cls]:
+        if annotation in ("int", "list[int]"):
+            low, high = _int_range(cls, name)
+            if annotation == "int":
+                terms.append(f"{low} <= m.{name} <= {high}")
+            else:
+                terms.append(f"all({low} <= e <= {high} for e in m.{name})")
+        limit = LENGTHS.get((cls.__name__, name))
+        if limit is not None:
+            optional = "None" in annotation
+            term = f"len(m.{name}) <= {limit}"
+            terms.append(f"(m.{name} is None or {term})" if optional else term)
+    source = f"def check(m):\n    return {' and '.join(terms) or 'True'}\n"
+    env: dict[str, Any] = {}
+    exec(source, env)  # built from the tables above: no outside input reaches it
+    check: Callable[[Message], bool] = env["check"]
+    return check
+
+
+def _explain_limits(message: Message) -> str:
+    cls = type(message)
+    for name, annotation, _ in SCHEMA[cls]:
+        value = getattr(message, name)
+        if annotation in ("int", "list[int]"):
+            low, high = _int_range(cls, name)
+            values = [value] if annotation == "int" else value
+            if any(not low <= v <= high for v in values):
+                return f"field {name!r} must be in {low}..{high}"
+        limit = LENGTHS.get((cls.__name__, name))
+        if limit is not None and value is not None and len(value) > limit:
+            return f"field {name!r} is longer than {limit}"
+    return "a field is out of range"
+
+
+_LIMITS = {cls: _limits_check(cls) for cls in MESSAGE_TYPES}
 _NAMES = {cls: tuple(name for name, _, _ in schema) for cls, schema in SCHEMA.items()}
 
 

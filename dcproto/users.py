@@ -1,4 +1,5 @@
-"""Named servers ("users"): alias -> address, secret and device id, kept in ``users.toml``."""
+"""Named servers ("users"): alias -> address, token, certificate pin and device id, kept in
+``users.toml`` (mode 0600: it holds tokens)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import re
 import tempfile
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
-from dcproto.errors import UnknownUserError, UsageError
+from .connection import Endpoint
+from .errors import ConfigurationError, UnknownUserError, UsageError
 
 __all__ = [
     "CONFIG_DIR_ENV",
@@ -38,8 +40,8 @@ USERS_FILE = "users.toml"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _PORT_RE = re.compile(r"[0-9]+")
-_FIELDS = ("host", "port", "secret", "device_id")
-_ADD_HINT = "add one with: dcproto users add NAME HOST[:PORT] --secret ..."
+_FIELDS = ("host", "port", "token", "fingerprint", "insecure", "device_id")
+_ADD_HINT = "add one with the join line its server's admin gives you (dcproto users add ...)"
 
 
 def _check_name(name: object) -> None:
@@ -58,12 +60,15 @@ def _check_port(port: object) -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class User:
-    """A named server: where it is, the secret to present and our device id there."""
+    """A named server: where it is, how to trust it (a pinned certificate fingerprint, else
+    the CA chain; ``insecure``: plain TCP), the token to present and our device id there."""
 
     name: str
     host: str
     port: int = DEFAULT_PORT
-    secret: str | None = None
+    token: str | None = field(default=None, repr=False)
+    fingerprint: str | None = None
+    insecure: bool = False
     device_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -71,10 +76,27 @@ class User:
         if not isinstance(self.host, str) or not self.host or self.host != self.host.strip():
             raise UsageError(f"invalid host {self.host!r} for user {self.name!r}")
         _check_port(self.port)
-        for field in ("secret", "device_id"):
-            value = getattr(self, field)
+        for name in ("token", "fingerprint", "device_id"):
+            value = getattr(self, name)
             if value is not None and not isinstance(value, str):
-                raise UsageError(f"{field} of user {self.name!r} must be a string")
+                raise UsageError(f"{name} of user {self.name!r} must be a string")
+        if not isinstance(self.insecure, bool):
+            raise UsageError(f"insecure of user {self.name!r} must be true or false")
+
+    def endpoint(self) -> Endpoint:
+        """How to connect; :class:`ConfigurationError` if no token is kept for this user."""
+        if not self.token:
+            raise ConfigurationError(
+                f"user {self.name!r} has no token; add it again with its join line "
+                "(dcproto users add NAME HOST:PORT --token ...)"
+            )
+        return Endpoint(
+            host=self.host,
+            port=self.port,
+            token=self.token,
+            fingerprint=self.fingerprint,
+            insecure=self.insecure,
+        )
 
     @property
     def address(self) -> str:
@@ -123,17 +145,24 @@ def config_path() -> Path:
 def _user_from_table(name: str, table: object, path: Path) -> User:
     if not isinstance(table, Mapping):
         raise UsageError(f"{path}: [users.{name}] must be a table")
-    unknown = sorted(set(table) - set(_FIELDS))
+    unknown = sorted(set(table) - set(_FIELDS) - {"secret"})
     if unknown:
         raise UsageError(f"{path}: [users.{name}] has unknown keys: {', '.join(unknown)}")
     if "host" not in table:
         raise UsageError(f"{path}: [users.{name}] has no host")
+    if "secret" in table:
+        raise UsageError(
+            f"{path}: [users.{name}] holds a secret from before tokens; add it again with "
+            "the join line its server's admin gives you (dcproto users add ... --token ...)"
+        )
     try:
         return User(
             name=name,
             host=table["host"],
             port=table.get("port", DEFAULT_PORT),
-            secret=table.get("secret"),
+            token=table.get("token"),
+            fingerprint=table.get("fingerprint"),
+            insecure=table.get("insecure", False),
             device_id=table.get("device_id"),
         )
     except UsageError as exc:
@@ -252,6 +281,8 @@ def _toml_string(value: str) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return _toml_string(value)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -264,13 +295,13 @@ def _toml_key(key: str) -> str:
 
 
 def _dump_users(users: Mapping[str, User]) -> str:
-    lines = ["# dcproto named servers (users). Holds secrets: keep this file private."]
+    lines = ["# dcproto named servers (users). Holds tokens: keep this file private."]
     for user in users.values():
         lines += ["", f"[users.{_toml_key(user.name)}]"]
-        for field in _FIELDS:
-            value = getattr(user, field)
-            if value is not None:
-                lines.append(f"{field} = {_toml_value(value)}")
+        for name in _FIELDS:
+            value = getattr(user, name)
+            if value is not None and not (name == "insecure" and value is False):
+                lines.append(f"{name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """Fixtures for the integration tests: real server and worker processes on 127.0.0.1.
 
-* ``server`` -- a ``python -m dcproto.server.server --port 0`` process (``make_server`` for one with
+* ``server`` -- a ``python -m dcproto.server.main --port 0`` process (``make_server`` for one with
   other options), killed at teardown;
 * ``start_worker(*extra_args)`` -- ``python -m dcproto.worker.worker connect 127.0.0.1:PORT``
   processes, each in its own session so teardown can kill it together with its child processes;
@@ -16,20 +16,27 @@ import itertools
 import os
 import queue
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dcproto import protocol as p
+from dcproto.connection import Endpoint
+from dcproto.paths import ADMIN_TOKEN_FILE
+from dcproto.server.statedir import read_record
+from dcproto.trust.tls import channel_binding, check_pin, client_context, peer_certificate
+from dcproto.trust.tokens import TokenStore, make_proof
 from dcproto.users import User, add_user
 
-SECRET = "integration-secret"
 HEARTBEAT = 0.5
 STARTUP_TIMEOUT = 10.0
 LISTENING = "dcproto server listening on "
@@ -72,6 +79,47 @@ def _kill_group(proc: subprocess.Popen[Any]) -> None:
         proc.wait(timeout=10)
 
 
+_TOKENS: dict[tuple[Path, str], str] = {}  # (state dir, name) -> token
+
+
+# ---- raw protocol peers -----------------------------------------------------------------------
+
+
+def raw_socket(server: ServerProcess, timeout: float = 5) -> ssl.SSLSocket:
+    """A TLS connection to ``server`` whose certificate is checked against its pin."""
+    context = client_context(fingerprint=server.fingerprint)
+    plain = socket.create_connection((server.host, server.port), timeout=timeout)
+    sock = context.wrap_socket(plain, server_hostname=server.host)
+    check_pin(peer_certificate(sock), server.fingerprint, server.address)
+    return sock
+
+
+def hello_for(
+    server: ServerProcess,
+    challenge: p.Challenge,
+    role: str,
+    *,
+    token: str | None = None,
+    slots: int = 0,
+    name: str = "raw",
+) -> p.Hello:
+    """A Hello proving ``token`` (default: a creator's, or a worker's for role worker)."""
+    if token is None:
+        token = server.add_token(role, role)
+    cert = (server.state_dir / "tls" / "cert.pem").read_text()
+    channel = channel_binding(ssl.PEM_cert_to_DER_cert(cert))
+    identity, proof = make_proof(token, nonce=challenge.nonce, role=role, channel=channel)
+    return p.Hello(
+        version=p.PROTOCOL_VERSION,
+        role=role,
+        identity=identity,
+        proof=proof,
+        device_id=None,
+        name=name,
+        slots=slots,
+    )
+
+
 # ---- server -------------------------------------------------------------------------------------
 
 
@@ -79,7 +127,6 @@ def _kill_group(proc: subprocess.Popen[Any]) -> None:
 class ServerProcess:
     host: str
     port: int
-    secret: str
     proc: subprocess.Popen[str]
     state_dir: Path
     log_path: Path
@@ -89,6 +136,39 @@ class ServerProcess:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def token(self) -> str:
+        """The admin token the server made on its first start."""
+        return (self.state_dir / ADMIN_TOKEN_FILE).read_text(encoding="utf-8").strip()
+
+    @property
+    def fingerprint(self) -> str:
+        record = read_record(self.state_dir)
+        assert record is not None and record.fingerprint is not None
+        return record.fingerprint
+
+    def add_token(self, name: str, role: str) -> str:
+        """A new token of ``role`` (cached by state dir and name: a restarted server on the
+        same dir has the same tokens), as ``dcproto tokens add`` makes it."""
+        key = (self.state_dir, name)
+        if key not in _TOKENS:
+            _TOKENS[key] = TokenStore(self.state_dir).add(name, role)
+        return _TOKENS[key]
+
+    def token_file(self, name: str = "volunteer", role: str = "worker") -> Path:
+        path = self.state_dir.parent / f"{name}.token"
+        if not path.exists():
+            path.write_text(self.add_token(name, role) + "\n", encoding="utf-8")
+        return path
+
+    def endpoint(self, token: str | None = None) -> Endpoint:
+        return Endpoint(
+            host="127.0.0.1",
+            port=self.port,
+            token=token or self.add_token("creator", "creator"),
+            fingerprint=self.fingerprint,
+        )
+
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
@@ -97,7 +177,7 @@ class ServerProcess:
 
 
 def _start_server(
-    directory: Path, secret: str, heartbeat: float, port: int, state_dir: Path | None
+    directory: Path, heartbeat: float, port: int, state_dir: Path | None, extra: Sequence[str]
 ) -> ServerProcess:
     directory.mkdir(parents=True, exist_ok=True)
     log_path = directory / "server.log"
@@ -108,17 +188,16 @@ def _start_server(
             [
                 sys.executable,
                 "-m",
-                "dcproto.server.server",
+                "dcproto.server.main",
                 "--port",
                 str(port),
                 "--state-dir",
                 str(state_dir),
-                "--secret",
-                secret,
                 "--heartbeat",
                 str(heartbeat),
                 "--log-level",
                 "INFO",
+                *extra,
             ],
             stdout=subprocess.PIPE,
             stderr=log_file,
@@ -151,14 +230,14 @@ def _start_server(
             )
         if LISTENING in line:
             host, _, port = line.split(LISTENING, 1)[1].strip().rpartition(":")
-            return ServerProcess(host, int(port), secret, proc, state_dir, log_path, lines)
+            return ServerProcess(host, int(port), proc, state_dir, log_path, lines)
 
 
 @pytest.fixture
 def make_server(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., ServerProcess]]:
-    """``make_server(heartbeat=, secret=, port=, state_dir=)`` starts another server process
+    """``make_server(heartbeat=, port=, state_dir=, extra=)`` starts another server process
     (on a free port and with a fresh state dir unless told otherwise)."""
     started: list[ServerProcess] = []
     numbers = itertools.count(1)
@@ -166,12 +245,12 @@ def make_server(
     def make(
         *,
         heartbeat: float = HEARTBEAT,
-        secret: str = SECRET,
         port: int = 0,
         state_dir: Path | None = None,
+        extra: Sequence[str] = (),
     ) -> ServerProcess:
         directory = tmp_path / f"server-{next(numbers)}"
-        server = _start_server(directory, secret, heartbeat, port, state_dir)
+        server = _start_server(directory, heartbeat, port, state_dir, extra)
         started.append(server)
         return server
 
@@ -184,7 +263,7 @@ def make_server(
 
 @pytest.fixture
 def server(make_server: Callable[..., ServerProcess]) -> ServerProcess:
-    """A real ``dcproto.server.server`` process with a short heartbeat, on a free port."""
+    """A real ``dcproto.server.main`` process with a short heartbeat, on a free port."""
     return make_server()
 
 
@@ -250,8 +329,10 @@ def start_worker(
                     "dcproto.worker.worker",
                     "connect",
                     f"127.0.0.1:{server.port}",
-                    "--secret",
-                    server.secret,
+                    "--token-file",
+                    str(server.token_file()),
+                    "--fingerprint",
+                    server.fingerprint,
                     "--slots",
                     "2",
                     "--name",
@@ -294,6 +375,12 @@ def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def user(server: ServerProcess, config_dir: Path) -> User:
     """The user (named server) "home" for ``server``."""
-    home = User(name="home", host="127.0.0.1", port=server.port, secret=server.secret)
+    home = User(
+        name="home",
+        host="127.0.0.1",
+        port=server.port,
+        token=server.add_token("creator", "creator"),
+        fingerprint=server.fingerprint,
+    )
     add_user(home)
     return home

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, wait_for
+from conftest import ServerProcess, hello_for, raw_socket, wait_for
 
 import dcproto
 from dcproto import (
@@ -41,6 +41,7 @@ from dcproto import protocol as p
 from dcproto.creator.creator import attach
 from dcproto.errors import UnknownUserError
 from dcproto.server.server import HANDSHAKE_TIMEOUT
+from dcproto.trust.tokens import new_token
 from dcproto.users import User, add_user, get_user, load_users
 
 pytestmark = pytest.mark.timeout(60)
@@ -60,6 +61,16 @@ DCPROTO_WORKER = bin_command("dcproto-worker", "dcproto.worker.worker")
 
 def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def home_user(server: ServerProcess) -> User:
+    return User(
+        name="home",
+        host="127.0.0.1",
+        port=server.port,
+        token=server.add_token("creator", "creator"),
+        fingerprint=server.fingerprint,
+    )
 
 
 def free_port() -> int:
@@ -587,7 +598,7 @@ def test_thawed_worker_late_results_are_dropped(
     the frozen worker's tasks move on, and when it wakes its late results reach the server on
     the same connection and must be dropped, not counted twice."""
     server = make_server(heartbeat=1.0)
-    add_user(User(name="home", host="127.0.0.1", port=server.port, secret=server.secret))
+    add_user(home_user(server))
     frozen, healthy = start_worker(server=server), start_worker(server=server)
 
     @Distribute(user_name="home", iterator=range(200), task_size=1, lease_timeout=1.0)
@@ -766,7 +777,7 @@ def test_project_survives_a_server_restart(
     make_server: Any, start_worker: Any, config_dir: Path
 ) -> None:
     first = make_server()
-    add_user(User(name="home", host="127.0.0.1", port=first.port, secret=first.secret))
+    add_user(home_user(first))
     worker = start_worker(server=first)
 
     @Distribute(user_name="home", iterator=range(120), task_size=1)
@@ -809,29 +820,32 @@ def _tiny_project(user_name: str) -> type:
     return Tiny
 
 
-def test_wrong_secret_raises_authentication_failed(server: ServerProcess, user: User) -> None:
-    add_user(User(name="wrong", host="127.0.0.1", port=server.port, secret="not-the-secret"))
-    with pytest.raises(AuthenticationFailed):
+def test_wrong_token_raises_authentication_failed(server: ServerProcess, user: User) -> None:
+    forged = new_token("creator")  # the right name, another secret
+    add_user(dataclasses.replace(home_user(server), name="wrong", token=forged))
+    with pytest.raises(AuthenticationFailed, match="refused token 'creator'"):
         _tiny_project("wrong")()
 
 
-def test_wrong_secret_worker_exits(start_worker: Any) -> None:
-    worker = start_worker("--secret", "not-the-secret", wait=False)
+def test_wrong_token_worker_exits(start_worker: Any, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text(new_token("volunteer"))
+    worker = start_worker("--token-file", str(wrong), wait=False)
     assert worker.proc.wait(timeout=20) == 3
-    assert "refused the secret" in worker.log()
+    assert "refused token 'volunteer'" in worker.log()
 
 
 def test_unreachable_server_raises_connection_failed(config_dir: Path) -> None:
-    add_user(User(name="nowhere", host="127.0.0.1", port=free_port(), secret="s"))
+    add_user(User(name="nowhere", host="127.0.0.1", port=free_port(), token=new_token("x")))
     with pytest.raises(ConnectionFailed) as caught:
         _tiny_project("nowhere")()
     assert not isinstance(caught.value, AuthenticationFailed)
 
 
-def test_user_without_secret_is_a_configuration_error(server: ServerProcess, user: User) -> None:
-    add_user(User(name="nosecret", host="127.0.0.1", port=server.port))
-    with pytest.raises(ConfigurationError, match="no secret"):
-        _tiny_project("nosecret")()
+def test_user_without_token_is_a_configuration_error(server: ServerProcess, user: User) -> None:
+    add_user(User(name="notoken", host="127.0.0.1", port=server.port))
+    with pytest.raises(ConfigurationError, match="has no token"):
+        _tiny_project("notoken")()
 
 
 def test_unknown_user_raises_unknown_user_error(user: User) -> None:
@@ -867,7 +881,7 @@ def _read_until_closed(sock: socket.socket, timeout: float) -> tuple[list[p.Mess
 
 
 def _raw_connection(server: ServerProcess) -> tuple[socket.socket, p.Challenge]:
-    sock = socket.create_connection((server.host, server.port), timeout=5)
+    sock = raw_socket(server)
     decoder = p.Decoder()
     while True:
         data = sock.recv(65536)
@@ -881,15 +895,7 @@ def _raw_connection(server: ServerProcess) -> tuple[socket.socket, p.Challenge]:
 
 def _authenticated_creator(server: ServerProcess) -> socket.socket:
     sock, challenge = _raw_connection(server)
-    hello = p.Hello(
-        version=p.PROTOCOL_VERSION,
-        role="creator",
-        auth=p.auth_token(server.secret, challenge.nonce),
-        device_id=None,
-        name="raw",
-        slots=0,
-    )
-    sock.sendall(p.encode(hello))
+    sock.sendall(p.encode(hello_for(server, challenge, "creator")))
     decoder = p.Decoder()
     while True:
         data = sock.recv(65536)
@@ -1141,15 +1147,19 @@ def test_items_and_values_of_the_creators_own_classes() -> None:
 
 
 def test_users_command_line(server: ServerProcess, config_dir: Path) -> None:
-    added = run([*DCPROTO, "users", "add", "lab", server.address, "--secret", server.secret])
+    token = server.add_token("creator", "creator")
+    pin = ["--fingerprint", server.fingerprint]
+    added = run([*DCPROTO, "users", "add", "lab", server.address, "--token", token, *pin])
     assert added.returncode == 0, added.stderr
     assert "added lab" in added.stdout
-    assert get_user("lab") == User(
-        name="lab", host="127.0.0.1", port=server.port, secret=server.secret
+    lab = get_user("lab")
+    assert lab == User(
+        name="lab", host="127.0.0.1", port=server.port, token=token, fingerprint=server.fingerprint
     )
+    assert lab.token == token
     listed = run([*DCPROTO, "users", "list"])
     assert listed.returncode == 0, listed.stderr
-    assert f"lab\t{server.address}\tsecret set" in listed.stdout.splitlines()
+    assert f"lab\t{server.address}\ttoken creator\tpinned" in listed.stdout.splitlines()
     removed = run([*DCPROTO, "users", "remove", "lab"])
     assert removed.returncode == 0, removed.stderr
     assert "lab" not in load_users()

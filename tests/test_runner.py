@@ -69,13 +69,30 @@ def make_task(project: p.Project, items: list[Any], *, task_id: int | None = Non
 
 
 async def run(runner: Runner, project: p.Project, items: list[Any]) -> Outcome:
-    return await runner.run(project, make_task(project, items))
+    return await run_task(runner, project, make_task(project, items))
+
+
+async def run_task(runner: Runner, project: p.Project, task: p.Task) -> Outcome:
+    """``runner.run``, remembering the task's items so that :func:`pairs` can map the
+    payload's item indices back to them, as the creator does."""
+    outcome = await runner.run(project, task)
+    try:
+        items = pickle.loads(task.items)
+    except Exception:  # a test of items that do not unpickle
+        items = []
+    _items_of[id(outcome)] = (outcome, items)
+    return outcome
+
+
+# id(outcome) -> (outcome, the task's items); the outcome is kept so that its id stays unique
+_items_of: dict[int, tuple[Outcome, list[Any]]] = {}
 
 
 def pairs(outcome: Outcome) -> list[tuple[Any, Any]]:
     kept = pickle.loads(outcome.payload)
     assert type(kept) is dict
-    return list(kept.items())
+    items = _items_of[id(outcome)][1]
+    return [(items[index], value) for index, value in kept.items()]
 
 
 async def wait_for_file(path: Path, limit: float = 10.0) -> None:
@@ -307,6 +324,22 @@ class Sleepy:
         return (x, os.getpid())
 
 
+class Rendezvous:
+    """Each task announces itself with a file named after its item, then waits (up to 30 s)
+    for its partner's file: both return True only if they ran at the same time."""
+
+    @staticmethod
+    def f(x: Any) -> Any:
+        directory, me, partner = x
+        Path(directory, me).touch()
+        deadline = time.monotonic() + 30
+        while not Path(directory, partner).exists():
+            if time.monotonic() > deadline:
+                return (False, os.getpid())
+            time.sleep(0.01)
+        return (True, os.getpid())
+
+
 class Counter:
     @staticmethod
     def f(x: Any, _calls: list[Any] = []) -> tuple[int, int]:  # noqa: B006 (state kept on purpose)
@@ -436,7 +469,7 @@ async def test_unpicklable_value_dropped_by_only_if_is_fine(runner: Runner) -> N
 async def test_items_that_do_not_unpickle(runner: Runner) -> None:
     project = make_project(Square)
     task = p.Task(task_id=next(_task_ids), project_id="proj", attempt=1, items=b"not a pickle")
-    outcome = await runner.run(project, task)
+    outcome = await run_task(runner, project, task)
     assert outcome.outcome == "error"
     assert outcome.error is not None and "UnpicklingError" in outcome.error["message"]
     # the child survived and runs the next task
@@ -508,7 +541,7 @@ async def test_abandon_running_task(runner: Runner, tmp_path: Path) -> None:
     project = make_project(MarkThenSleep)
     marker = tmp_path / "started"
     task = make_task(project, [str(marker)])
-    running = asyncio.create_task(runner.run(project, task))
+    running = asyncio.create_task(run_task(runner, project, task))
     await wait_for_file(marker)
     pid = child_pid(runner)
     started = time.monotonic()
@@ -531,7 +564,7 @@ async def test_abandon_is_not_swallowed_by_except_exception(runner: Runner, tmp_
     project = make_project(MarkThenSleep, parallel="swallowing")
     marker = tmp_path / "started"
     task = make_task(project, [str(marker)])
-    running = asyncio.create_task(runner.run(project, task))
+    running = asyncio.create_task(run_task(runner, project, task))
     await wait_for_file(marker)
     started = time.monotonic()
     assert runner.abandon(task.task_id)
@@ -544,7 +577,7 @@ async def test_abandon_escalates_to_sigkill(runner: Runner, tmp_path: Path) -> N
     project = make_project(MarkThenSleep, parallel="deaf")
     marker = tmp_path / "started"
     task = make_task(project, [str(marker)])
-    running = asyncio.create_task(runner.run(project, task))
+    running = asyncio.create_task(run_task(runner, project, task))
     await wait_for_file(marker)
     pid = child_pid(runner)
     started = time.monotonic()
@@ -562,11 +595,11 @@ async def test_abandon_of_a_task_still_waiting_for_a_child(runner: Runner, tmp_p
     sleeper = make_project(MarkThenSleep)
     marker = tmp_path / "started"
     first = make_task(sleeper, [str(marker)])
-    first_run = asyncio.create_task(runner.run(sleeper, first))
+    first_run = asyncio.create_task(run_task(runner, sleeper, first))
     await wait_for_file(marker)
     square = make_project(Square, project_id="square")
     queued = make_task(square, [5])
-    queued_run = asyncio.create_task(runner.run(square, queued))
+    queued_run = asyncio.create_task(run_task(runner, square, queued))
     await asyncio.sleep(0.05)
     assert runner.abandon(queued.task_id) is False  # not running: the caller must cancel it
     assert runner.abandon(first.task_id) is True
@@ -594,7 +627,7 @@ async def test_stray_sigusr1_counts_as_crash(runner: Runner, tmp_path: Path) -> 
 async def test_additional_files(runner: Runner) -> None:
     project = make_project(WritesFiles)
     task = make_task(project, ["files"])
-    outcome = await runner.run(project, task)
+    outcome = await run_task(runner, project, task)
     assert outcome.outcome == "ok"
     assert outcome.files == [["a.txt", b"hello"], ["sub/dir/b.bin", bytes(range(256))]]
     output_dir = Path(pairs(outcome)[0][1])
@@ -629,7 +662,7 @@ async def test_too_many_file_bytes_is_an_error(runner: Runner, item: str) -> Non
 async def test_output_dir_of_a_crashed_task_is_removed(runner: Runner) -> None:
     project = make_project(WritesFiles)
     task = make_task(project, ["then-crash"])
-    outcome = await runner.run(project, task)
+    outcome = await run_task(runner, project, task)
     assert outcome.outcome == "crash"
     leftovers = [path for path in runner.workdir.rglob("*") if path.is_file()]
     assert leftovers == []  # what the dead child wrote is removed
@@ -721,14 +754,17 @@ async def test_prints_do_not_corrupt_the_channel(runner: Runner) -> None:
     assert (await run(runner, make_project(Square), [3])).outcome == "ok"
 
 
-async def test_two_slots_run_concurrently(make_runner: RunnerFactory) -> None:
+async def test_two_slots_run_concurrently(make_runner: RunnerFactory, tmp_path: Path) -> None:
     runner = await make_runner(2)
-    project = make_project(Sleepy)
-    started = time.monotonic()
-    first, second = await asyncio.gather(run(runner, project, ["a"]), run(runner, project, ["b"]))
-    assert time.monotonic() - started < 0.9
+    project = make_project(Rendezvous)
+    here = str(tmp_path)
+    first, second = await asyncio.gather(
+        run(runner, project, [(here, "a", "b")]), run(runner, project, [(here, "b", "a")])
+    )
     assert first.outcome == second.outcome == "ok"
-    assert pairs(first)[0][1][1] != pairs(second)[0][1][1]  # two different children
+    (_, (met_a, pid_a)), (_, (met_b, pid_b)) = pairs(first)[0], pairs(second)[0]
+    assert met_a and met_b  # each saw the other running: they overlapped
+    assert pid_a != pid_b  # two different children
 
 
 async def test_more_tasks_than_slots_queue(make_runner: RunnerFactory) -> None:
@@ -747,7 +783,7 @@ async def run_all(
     runner: Runner, project: p.Project, tasks: list[p.Task]
 ) -> tuple[list[Outcome], int]:
     """Run ``tasks`` at once; also the most tasks a child held at any moment."""
-    runs = [asyncio.create_task(runner.run(project, task)) for task in tasks]
+    runs = [asyncio.create_task(run_task(runner, project, task)) for task in tasks]
     peak = 0
     while not all(r.done() for r in runs):
         peak = max([peak, *(len(child.queue) for child in runner._children)])
@@ -783,8 +819,8 @@ async def test_abandoning_a_task_queued_behind_another(runner: Runner, tmp_path:
         assert (await run(runner, project, [i])).outcome == "ok"
     marker = tmp_path / "started"
     slow, queued = make_task(project, [str(marker)]), make_task(project, [7])
-    slow_run = asyncio.create_task(runner.run(project, slow))
-    queued_run = asyncio.create_task(runner.run(project, queued))
+    slow_run = asyncio.create_task(run_task(runner, project, slow))
+    queued_run = asyncio.create_task(run_task(runner, project, queued))
     await wait_for_file(marker)
     assert runner.abandon(queued.task_id) is True  # held by the child, behind the slow one
     assert (await queued_run).outcome == "abandoned"
@@ -807,7 +843,7 @@ async def test_tasks_cancelled_while_waiting_do_not_block_later_ones(
     sleeper = make_project(MarkThenSleep)
     marker = tmp_path / "started"
     running = make_task(sleeper, [str(marker)])
-    running_run = asyncio.create_task(runner.run(sleeper, running))
+    running_run = asyncio.create_task(run_task(runner, sleeper, running))
     await wait_for_file(marker)
     waiting = [
         asyncio.create_task(run(runner, sleeper, [str(tmp_path / f"w{i}")])) for i in range(3)

@@ -409,6 +409,7 @@ def test_ok_result_is_forwarded_with_stats() -> None:
     assert done == p.TaskDone(
         project_id="P",
         seq=0,
+        items=b"items-0",
         payload=b"kept",
         n_items=2,
         n_kept=1,
@@ -598,7 +599,7 @@ def test_earlier_attempt_stop_or_error_wins(outcome: str) -> None:
     finished = one(actions, p.Finished)
     if outcome == "stop":
         assert finished.status == "stopped"
-        assert finished.stop == [0, b"found"]
+        assert finished.stop == [0, b"items-0", b"found"]
         assert finished.stats["tasks_done"] == 1
     else:
         assert finished.status == "failed"
@@ -721,7 +722,7 @@ def test_stop_finishes_and_abandons_the_other_tasks() -> None:
     assert [type(m) for m in creator_msgs(actions)] == [p.Finished]
     finished = one(actions, p.Finished)
     assert finished.status == "stopped"
-    assert finished.stop == [1, b"found"]
+    assert finished.stop == [1, b"items-1", b"found"]
     assert finished.error is None
     assert finished.stats["tasks_done"] == 1
     assert finished.stats["finished_at"] == 2.0

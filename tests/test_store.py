@@ -24,7 +24,7 @@ def record(seq: int, payload: bytes) -> dict[str, Any]:
 
 
 def submitted(store: Store, project_id: str = "P", n_tasks: int = 3) -> None:
-    store.project_submitted(project_id, "proj", "device", b"code", {"options": {}})
+    store.project_submitted(project_id, "proj", "device", b"code", {"options": {}}, "alice")
     store.tasks_added(project_id, [(i + 1, i, b"items", 1) for i in range(n_tasks)])
     store.commit()
 

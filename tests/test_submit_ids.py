@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import pickle
 import select
-import socket
 import sqlite3
 import threading
 import time
@@ -20,7 +19,7 @@ from typing import Any, Self
 
 import msgpack
 import pytest
-from conftest import ServerProcess, WorkerProcess
+from conftest import ServerProcess, WorkerProcess, hello_for, raw_socket
 
 from dcproto import protocol as p
 from dcproto.creator.creator import pickle_class
@@ -51,7 +50,7 @@ class RawPeer:
     the server does not drop the peer while the test waits; received Heartbeats are skipped."""
 
     def __init__(self, server: ServerProcess, role: str, slots: int = 0) -> None:
-        self.sock = socket.create_connection((server.host, server.port), timeout=5)
+        self.sock = raw_socket(server)
         self._decoder = p.Decoder()
         self._inbox: deque[p.Message] = deque()
         self._send_lock = threading.Lock()
@@ -59,16 +58,7 @@ class RawPeer:
         self.closed = False  # the server closed the connection
         challenge = self.receive(5)
         assert isinstance(challenge, p.Challenge), challenge
-        self.send(
-            p.Hello(
-                version=p.PROTOCOL_VERSION,
-                role=role,
-                auth=p.auth_token(server.secret, challenge.nonce),
-                device_id=None,
-                name=f"raw-{role}",
-                slots=slots,
-            )
-        )
+        self.send(hello_for(server, challenge, role, slots=slots, name=f"raw-{role}"))
         welcome = self.receive(5)
         assert isinstance(welcome, p.Welcome), welcome
         self._beats = threading.Thread(
@@ -187,13 +177,16 @@ def _tasks(project_id: str, items: dict[int, int]) -> p.Tasks:
 
 
 def _results(messages: list[p.Message], project_id: str) -> dict[int, dict[Any, Any]]:
-    """The unpickled payload of each TaskDone, by seq (each seq at most once)."""
+    """Each TaskDone's ``{item: value}`` (its payload's item indices mapped through its
+    items, as the creator does), by seq (each seq at most once)."""
     results: dict[int, dict[Any, Any]] = {}
     for message in messages:
         if isinstance(message, p.TaskDone):
             assert message.project_id == project_id, message
             assert message.seq not in results, f"seq {message.seq} delivered twice"
-            results[message.seq] = pickle.loads(message.payload)
+            items = pickle.loads(message.items)
+            by_index = pickle.loads(message.payload)
+            results[message.seq] = {items[i]: value for i, value in by_index.items()}
     return results
 
 
@@ -364,7 +357,7 @@ def _run_project_by_hand(
                     task_id=task.task_id,
                     attempt=task.attempt,
                     outcome="ok",
-                    payload=pickle.dumps({item: item * 3}),
+                    payload=pickle.dumps({0: item * 3}),  # keyed by the index in the task
                     n_items=1,
                     n_kept=1,
                     error=None,

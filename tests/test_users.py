@@ -42,13 +42,16 @@ def test_config_path_falls_back_to_platformdirs(monkeypatch: pytest.MonkeyPatch)
     assert config_path() == Path("/cfg/dcproto/users.toml")
 
 
+PIN = "sha256:" + "ab" * 32
+
+
 def test_missing_file_means_no_users(config_dir: Path) -> None:
     assert load_users() == {}
     assert not config_dir.exists()
 
 
 def test_round_trip_add_list_remove(config_dir: Path) -> None:
-    home = User(name="home", host="127.0.0.1", port=9000, secret="s3cret")
+    home = User(name="home", host="127.0.0.1", port=9000, token="s3cret", fingerprint=PIN)
     lab = User(name="lab.gpu-1_a", host="::1")
     add_user(home)
     add_user(lab)
@@ -62,7 +65,12 @@ def test_round_trip_add_list_remove(config_dir: Path) -> None:
 
     with (config_dir / "users.toml").open("rb") as fh:
         raw = tomllib.load(fh)
-    assert raw["users"]["home"] == {"host": "127.0.0.1", "port": 9000, "secret": "s3cret"}
+    assert raw["users"]["home"] == {
+        "host": "127.0.0.1",
+        "port": 9000,
+        "token": "s3cret",
+        "fingerprint": PIN,
+    }
     assert raw["users"]["lab.gpu-1_a"] == {"host": "::1", "port": DEFAULT_PORT}
 
     remove_user("home")
@@ -72,10 +80,11 @@ def test_round_trip_add_list_remove(config_dir: Path) -> None:
 
 
 def test_file_format_matches_documented_layout(config_dir: Path) -> None:
-    add_user(User(name="home", host="127.0.0.1", secret="x", device_id="dev-1"))
+    add_user(User(name="home", host="127.0.0.1", token="x", insecure=True, device_id="dev-1"))
     text = (config_dir / "users.toml").read_text(encoding="utf-8")
     assert (
-        '[users.home]\nhost = "127.0.0.1"\nport = 8080\nsecret = "x"\ndevice_id = "dev-1"\n' in text
+        '[users.home]\nhost = "127.0.0.1"\nport = 8080\ntoken = "x"\ninsecure = true\n'
+        'device_id = "dev-1"\n' in text
     )
 
 
@@ -94,10 +103,10 @@ def test_explicit_path_argument(tmp_path: Path, config_dir: Path) -> None:
 def test_replace(config_dir: Path) -> None:
     add_user(User(name="a", host="h1", port=1))
     add_user(User(name="b", host="h2"))
-    add_user(User(name="a", host="h3", port=2, secret="new"))
+    add_user(User(name="a", host="h3", port=2, token="new"))
     loaded = load_users()
     assert list(loaded) == ["a", "b"]  # replacing keeps the position
-    assert loaded["a"] == User(name="a", host="h3", port=2, secret="new")
+    assert loaded["a"] == User(name="a", host="h3", port=2, token="new")
 
     with pytest.raises(UsageError, match="already exists"):
         add_user(User(name="a", host="h4"), replace=False)
@@ -107,9 +116,9 @@ def test_replace(config_dir: Path) -> None:
 
 
 def test_set_device_id(config_dir: Path) -> None:
-    add_user(User(name="home", host="h", secret="s"))
+    add_user(User(name="home", host="h", token="s"))
     set_device_id("home", "dev-42")
-    assert get_user("home") == User(name="home", host="h", secret="s", device_id="dev-42")
+    assert get_user("home") == User(name="home", host="h", token="s", device_id="dev-42")
     set_device_id("home", "dev-43")
     assert get_user("home").device_id == "dev-43"
     with pytest.raises(UnknownUserError):
@@ -117,7 +126,7 @@ def test_set_device_id(config_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "secret",
+    "token",
     [
         'with "quotes"',
         "back\\slash\\",
@@ -128,22 +137,22 @@ def test_set_device_id(config_dir: Path) -> None:
         "",
     ],
 )
-def test_secret_survives_round_trip(secret: str) -> None:
-    add_user(User(name="s", host="h", secret=secret, device_id=secret + "!"))
+def test_token_survives_round_trip(token: str) -> None:
+    add_user(User(name="s", host="h", token=token, device_id=token + "!"))
     user = get_user("s")
-    assert user.secret == secret
-    assert user.device_id == secret + "!"
+    assert user.token == token
+    assert user.device_id == token + "!"
 
 
 def test_lone_surrogate_is_rejected() -> None:
     with pytest.raises(UsageError, match="surrogate"):
-        add_user(User(name="s", host="h", secret="\ud800"))
+        add_user(User(name="s", host="h", token="\ud800"))
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
 def test_file_mode_is_0600(config_dir: Path) -> None:
     path = config_dir / "users.toml"
-    add_user(User(name="a", host="h", secret="s"))
+    add_user(User(name="a", host="h", token="s"))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     os.chmod(path, 0o644)
     set_device_id("a", "d")
@@ -187,7 +196,9 @@ def test_file_not_utf8(config_dir: Path) -> None:
         ('[users.home]\nhost = "h"\nport = "80"\n', "invalid port"),
         ('[users.home]\nhost = "h"\nport = 70000\n', "invalid port"),
         ('[users.home]\nhost = "h"\nsecert = "x"\n', "unknown keys: secert"),
-        ('[users.home]\nhost = "h"\nsecret = 5\n', "secret"),
+        ('[users.home]\nhost = "h"\ntoken = 5\n', "token"),
+        ('[users.home]\nhost = "h"\nsecret = "x"\n', "from before tokens"),
+        ('[users.home]\nhost = "h"\ninsecure = "yes"\n', "insecure"),
         ('[users."bad name"]\nhost = "h"\n', "invalid user name"),
     ],
 )
@@ -213,7 +224,7 @@ def test_unknown_user_message_lists_names_and_hint() -> None:
     message = str(info.value)
     assert "'gamma'" in message
     assert "alpha, beta" in message
-    assert "dcproto users add NAME HOST[:PORT] --secret ..." in message
+    assert "join line" in message
     assert isinstance(info.value, UsageError)
     assert isinstance(info.value, DcprotoError)
 

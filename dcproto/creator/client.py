@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from .. import protocol as p
-from ..connection import backoff_delays, keep_alive, open_session
-from ..errors import AuthenticationFailed, ConnectionFailed
+from ..connection import Endpoint, backoff_delays, keep_alive, open_session
+from ..errors import AuthenticationFailed, CertificateMismatch, ConnectionFailed, PermissionDenied
 
 log = logging.getLogger("dcproto.client")
 
@@ -91,10 +91,8 @@ class CreatorClient:
     """A creator connection shared by a process's projects. When it drops, it reconnects with
     backoff for up to ``reconnect_timeout`` seconds and has each project re-attach."""
 
-    def __init__(
-        self, host: str, port: int, secret: str, *, reconnect_timeout: float = 300.0
-    ) -> None:
-        self.host, self.port, self.secret = host, port, secret
+    def __init__(self, endpoint: Endpoint, *, reconnect_timeout: float = 300.0) -> None:
+        self.endpoint = endpoint
         self.reconnect_timeout = reconnect_timeout
         self.proto = p.Connection("client", role="creator")
         self.device_id: str | None = None
@@ -111,10 +109,8 @@ class CreatorClient:
 
     async def connect(self) -> None:
         reader, writer, proto, welcome = await open_session(
-            self.host,
-            self.port,
+            self.endpoint,
             role="creator",
-            secret=self.secret,
             device_id=self.device_id,
             name=f"{socket.gethostname()}:{os.getpid()}",
             slots=0,
@@ -254,13 +250,16 @@ class CreatorClient:
             await asyncio.sleep(delay)
             try:
                 await self.connect()
-            except AuthenticationFailed as exc:
+            except (AuthenticationFailed, CertificateMismatch) as exc:
                 self._give_up(exc)
+                return
+            except PermissionDenied as exc:
+                self._give_up(ConnectionFailed(str(exc)))
                 return
             except ConnectionFailed as exc:
                 reason = str(exc)
                 continue
-            log.info("reconnected to %s:%d", self.host, self.port)
+            log.info("reconnected to %s", self.endpoint.address)
             self._tasks += [
                 asyncio.create_task(listener.on_reconnect())
                 for listener in list(self.listeners.values())
@@ -288,15 +287,13 @@ class CreatorClient:
             self._writer.close()
 
 
-_clients: dict[tuple[str, int, str], CreatorClient] = {}
-_client_locks: dict[tuple[str, int, str], asyncio.Lock] = {}
+_clients: dict[Endpoint, CreatorClient] = {}
+_client_locks: dict[Endpoint, asyncio.Lock] = {}
 
 
-async def get_client(
-    host: str, port: int, secret: str, *, reconnect_timeout: float = 300.0
-) -> CreatorClient:
+async def get_client(endpoint: Endpoint, *, reconnect_timeout: float = 300.0) -> CreatorClient:
     """The shared, connected client for that server (a new one if the last gave up)."""
-    key = (host, port, secret)
+    key = endpoint
     # one connection per server even when several projects start at once
     lock = _client_locks.setdefault(key, asyncio.Lock())
     async with lock:
@@ -304,7 +301,7 @@ async def get_client(
         if client is not None and not client.closed and not client.connected.is_set():
             await client.connected.wait()  # reconnecting: wait for it (bounded by its timeout)
         if client is None or client.closed:
-            client = CreatorClient(host, port, secret, reconnect_timeout=reconnect_timeout)
+            client = CreatorClient(endpoint, reconnect_timeout=reconnect_timeout)
             await client.connect()
         if not _clients:
             on_shutdown(_close_clients)

@@ -110,7 +110,12 @@ class Distribute:
     ``errors`` (``"raise"``: an exception fails the project; ``"skip"``: the item is dropped and
     reported in ``project.errors``), ``local_workers`` (slots of the embedded default) and
     ``reconnect_timeout`` (seconds to keep trying when the connection to the server drops; the
-    project re-attaches and goes on; past it, ``results()`` raises ConnectionFailed).
+    project re-attaches and goes on; past it, ``results()`` raises ConnectionFailed) and
+    ``trust_workers``: by default a worker's values are decoded with an allow-list of plain
+    types (numbers, str, bytes, containers, datetime, Decimal, Fraction, numpy arrays), so a
+    hostile worker cannot run code in this process; ``True`` unpickles them fully (any type
+    comes back, and any worker of the server can run code here). The embedded default, whose
+    only worker is this machine's, trusts its workers unless told ``trust_workers=False``.
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class Distribute:
         errors: str = "raise",
         local_workers: int | None = None,
         reconnect_timeout: float = 300.0,
+        trust_workers: bool | None = None,
     ) -> None:
         if iterator is None:
             raise ConfigurationError("Distribute needs an iterator (any iterable of items)")
@@ -148,6 +154,7 @@ class Distribute:
             "max_attempts": max_attempts,
             "lease_timeout": lease_timeout,
             "errors": errors,
+            "trust_workers": user_name is None if trust_workers is None else trust_workers,
         }
 
         try:

@@ -7,10 +7,11 @@ processes and talks to the server over TCP on 127.0.0.1, so the local path is th
 from __future__ import annotations
 
 import asyncio
-import secrets
 from dataclasses import dataclass
 
+from ..connection import Endpoint
 from ..server.server import Server
+from ..trust.tokens import TokenStore
 from ..worker.runner import default_slots
 from ..worker.worker import Worker, WorkerConfig
 from .client import on_shutdown
@@ -18,9 +19,7 @@ from .client import on_shutdown
 
 @dataclass
 class LocalCluster:
-    host: str
-    port: int
-    secret: str
+    endpoint: Endpoint
     server: Server
     worker: Worker
     worker_task: asyncio.Task[None]
@@ -46,21 +45,23 @@ async def local_cluster(slots: int | None = None) -> LocalCluster:
     async with _lock:
         if _cluster is not None:
             return _cluster
-        secret = secrets.token_urlsafe(24)
-        # in memory: the embedded server lives and dies with this process
-        server = Server(secret=secret, state_dir=None)
+        # in memory, plain TCP on loopback: the embedded server lives and dies with this
+        # process, and only this process holds its one token
+        tokens = TokenStore(None)
+        token = tokens.ensure_admin()
+        assert token is not None
+        server = Server(tokens=tokens, identity=None, state_dir=None)
         host, port = await server.start("127.0.0.1", 0)
+        endpoint = Endpoint(host=host, port=port, token=token, insecure=True)
         worker = Worker(
             WorkerConfig(
-                host=host,
-                port=port,
-                secret=secret,
+                endpoint=endpoint,
                 name="local",
                 slots=slots or default_slots(),
             )
         )
         task = asyncio.create_task(worker.run())
-        _cluster = LocalCluster(host, port, secret, server, worker, task)
+        _cluster = LocalCluster(endpoint, server, worker, task)
         on_shutdown(_stop)
         return _cluster
 

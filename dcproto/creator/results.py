@@ -36,15 +36,6 @@ def load_results(results_path: str | os.PathLike[str]) -> dict[Any, Any]:
         return pickle.load(handle)
 
 
-def _safe_relative(name: str) -> PurePosixPath:
-    """A file name from a worker, confined to the additional results directory."""
-    path = PurePosixPath(name)
-    parts = [part for part in path.parts if part not in ("", ".", "..", "/")]
-    if not parts:
-        raise ResultsPathError(f"a task sent a file with an unusable name {name!r}")
-    return PurePosixPath(*parts)
-
-
 class ResultsWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -66,7 +57,8 @@ class ResultsWriter:
         with self._guard("project_id"):
             (self.path / "project_id").write_text(project_id + "\n", encoding="utf-8")
 
-    def task_done(self, seq: int, stats: dict[str, Any], files: list[Any]) -> None:
+    def task_done(self, seq: int, stats: dict[str, Any], files: list[tuple[str, bytes]]) -> None:
+        """``files``: names already checked by :func:`dcproto.trust.safe.check_files`."""
         with self._guard("tasks.csv"):
             if self._csv is None:
                 self._tasks_csv = open(self.path / "tasks.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
@@ -86,7 +78,7 @@ class ResultsWriter:
             self._write_file(seq, name, data)
 
     def _write_file(self, seq: int, name: str, data: bytes) -> None:
-        relative = _safe_relative(name)
+        relative = PurePosixPath(name)
         key = relative.as_posix()
         if key in self._written:
             stem, suffix = relative.stem, relative.suffix

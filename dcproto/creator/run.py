@@ -13,6 +13,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import pickle
 import time
 import uuid
@@ -23,10 +24,10 @@ import cloudpickle
 
 from .. import protocol as p
 from ..errors import (
-    ConfigurationError,
     ConnectionFailed,
     DcprotoError,
     LocalProtocolError,
+    PermissionDenied,
     ProjectCancelled,
     ProjectError,
     ProjectUnrunnable,
@@ -35,6 +36,7 @@ from ..errors import (
     UnhashableItemError,
 )
 from ..pickling import PLAIN_TYPES
+from ..trust.safe import check_files, loads_from_worker, trusted_loads
 from .client import CreatorClient, get_client
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dcproto")
 
 MAX_TASKS_PER_FRAME = 256
+MAX_ERRORS_PER_TASK = 5  # error reports a task may add to project.errors
 MAX_FRAME_PAYLOAD = 8 * 1024 * 1024  # a Tasks frame is cut once its items reach this size
 FRAME_OVERHEAD = 4096  # room for the rest of a Tasks frame around its items
 
@@ -70,6 +73,7 @@ class ProjectRun:
     def __init__(self, handle: ProjectHandle, code: bytes) -> None:
         self.handle = handle
         self.spec = handle._spec
+        self.trusted = self.spec.options.get("trust_workers") is True
         self.code = code
         self.client: CreatorClient | None = None
         self.project_id: str | None = None
@@ -98,18 +102,12 @@ class ProjectRun:
             from .local import local_cluster
 
             cluster = await local_cluster(spec.local_workers)
-            self.client = await get_client(
-                cluster.host, cluster.port, cluster.secret, reconnect_timeout=0
-            )
+            self.client = await get_client(cluster.endpoint, reconnect_timeout=0)
         else:
             from ..users import get_user
 
-            user = get_user(spec.user_name)
-            if not user.secret:
-                raise ConfigurationError(f"user {spec.user_name!r} has no secret")
-            self.client = await get_client(
-                user.host, user.port, user.secret, reconnect_timeout=spec.reconnect_timeout
-            )
+            endpoint = get_user(spec.user_name).endpoint()
+            self.client = await get_client(endpoint, reconnect_timeout=spec.reconnect_timeout)
 
     async def start(self) -> None:
         """Submit the project and start feeding its tasks at once: the id is ours, and the
@@ -158,6 +156,12 @@ class ProjectRun:
         if attached.status == "unknown":
             self._forget_listener()
             raise ProjectError(f"the server knows no project {project_id}")
+        if attached.status == "forbidden":
+            self._forget_listener()
+            raise PermissionDenied(
+                f"project {project_id} belongs to another creator: only its owner or an admin "
+                "may attach to it, fetch, cancel or release it"
+            )
         if attached.status == "released":
             self._forget_listener()
             raise ProjectError(f"project {project_id}'s results were already fetched and released")
@@ -310,7 +314,7 @@ class ProjectRun:
             self._send_tasks(resend)
             self._credit_event.set()
             return
-        if attached.status in ("unknown", "released"):
+        if attached.status in ("unknown", "released", "forbidden"):
             self._finish(
                 error=ProjectError(f"the server lost project {self.project_id} ({attached.status})")
             )
@@ -333,42 +337,74 @@ class ProjectRun:
         if self.finished:
             return
         try:
-            match message:
-                case p.Accepted():
-                    self.accepted = True
-                    self.credit += message.credit
-                    self._credit_event.set()
-                case p.More():
-                    self._stored(message.stored)
-                    self.credit += message.credit
-                    self._credit_event.set()
-                case p.TaskDone():
-                    self._task_done(message)
-                case p.Notice():
-                    level = logging.WARNING if message.level == "warning" else logging.INFO
-                    log.log(level, "project %s: %s", self.handle.name, message.text)
-                    self.handle.notices.append(message.text)
-                case p.Finished():
-                    self._finished(message)
+            self._on_message(message)
         except DcprotoError as exc:
             self._fail_locally(exc)
+        except Exception as exc:  # a malformed message fails this project, nothing else
+            log.warning("project %s: %r", self.handle.name, exc)
+            self._fail_locally(SerializationError(f"a malformed message from the server: {exc}"))
+
+    def _on_message(self, message: p.Message) -> None:
+        match message:
+            case p.Accepted():
+                self.accepted = True
+                self.credit += message.credit
+                self._credit_event.set()
+            case p.More():
+                self._stored(message.stored)
+                self.credit += message.credit
+                self._credit_event.set()
+            case p.TaskDone():
+                self._task_done(message)
+            case p.Notice():
+                level = logging.WARNING if message.level == "warning" else logging.INFO
+                log.log(level, "project %s: %s", self.handle.name, message.text)
+                self.handle.notices.append(message.text)
+            case p.Finished():
+                self._finished(message)
 
     def _task_done(self, message: p.TaskDone) -> None:
         if not self.seen.add(message.seq):
             return  # replayed after a re-attach: already counted
-        self.results.update(unpickle(message.payload, "the results of a task"))
+        what = f"the result of task {message.seq}"
+        try:
+            values = self._decode(message.items, message.payload, what)
+            files = check_files(message.files)
+        except (DcprotoError, ValueError) as exc:
+            raise SerializationError(f"{what} was refused: {exc}") from exc
+        self.results.update(values)
+        stats = message.stats
         self.tasks_done += 1
         self.items_done += message.n_items
-        self.items_kept += message.n_kept
-        self.run_time_total += message.stats.get("run", 0.0)
-        self.exec_time_total += message.stats.get("exec", 0.0)
-        self.round_trip_total += message.stats.get("round_trip", 0.0)
-        errors = message.stats.get("errors")
-        if errors:
-            self.handle.errors.extend(errors)
+        self.items_kept += len(values)
+        self.run_time_total += _seconds(stats.get("run"))
+        self.exec_time_total += _seconds(stats.get("exec"))
+        self.round_trip_total += _seconds(stats.get("round_trip"))
+        errors = stats.get("errors")
+        if isinstance(errors, list):
+            self.handle.errors.extend(
+                e for e in errors[:MAX_ERRORS_PER_TASK] if isinstance(e, dict)
+            )
         writer = self.handle._writer
         if writer is not None:
-            writer.task_done(message.seq, message.stats, message.files)
+            writer.task_done(message.seq, stats, files)
+
+    def _decode(self, items_blob: bytes, payload: bytes, what: str) -> dict[Any, Any]:
+        """A worker's ``{index: value}`` as ``{item: value}``. The items are our own bytes,
+        relayed by the server; the values are the worker's, decoded safely unless the project
+        trusts its workers. Raises DcprotoError or ValueError for anything malformed."""
+        items = trusted_loads(items_blob, what=f"the items of {what}")
+        if not isinstance(items, Sequence):
+            raise ValueError("the task's items are not a sequence")
+        values = loads_from_worker(payload, trusted=self.trusted, what=what)
+        if not isinstance(values, dict):
+            raise ValueError(f"the payload is a {type(values).__name__}, not a dict")
+        results: dict[Any, Any] = {}
+        for index, value in values.items():
+            if type(index) is not int or not 0 <= index < len(items):
+                raise ValueError(f"the payload names item {index!r:.50}, not in the task")
+            results[items[index]] = value
+        return results
 
     def _finished(self, message: p.Finished) -> None:
         stats = dict(message.stats)
@@ -387,8 +423,10 @@ class ProjectRun:
             self._finish(result=self.results, stats=stats)
         elif message.status == "stopped":
             assert message.stop is not None
-            _, payload = message.stop
-            stopped = unpickle(payload, "the stopping result")
+            seq, items_blob, payload = message.stop
+            stopped = self._decode(items_blob, payload, f"the stopping result (task {seq})")
+            if len(stopped) != 1:
+                raise ValueError(f"the stopping result holds {len(stopped)} values, not 1")
             self._finish(result=stopped, stats=stats, status="stopped")
         elif message.status == "cancelled":
             self._finish(error=ProjectCancelled(f"project {self.handle.name} was cancelled"))
@@ -526,8 +564,8 @@ def pickle_items(items: Sequence[Any]) -> bytes:
         raise SerializationError(f"an item cannot be pickled: {exc}") from exc
 
 
-def unpickle(payload: bytes, what: str) -> dict[Any, Any]:
-    try:
-        return cloudpickle.loads(payload)
-    except Exception as exc:
-        raise SerializationError(f"{what} cannot be unpickled here: {exc}") from exc
+def _seconds(value: Any) -> float:
+    """A time from a worker's stats; anything but a finite, non-negative number counts 0."""
+    if type(value) in (int, float) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return 0.0

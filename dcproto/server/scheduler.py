@@ -285,8 +285,9 @@ class Scheduler:
         if outcome == "ok":
             self._complete(project, task, worker, result, now)
         elif outcome == "stop":
+            items = task.items  # the creator maps the stopping value to its item with them
             self._complete(project, task, worker, result, now, forward=False)
-            self._finish(project, "stopped", now, stop=[task.seq, result.payload])
+            self._finish(project, "stopped", now, stop=[task.seq, items, result.payload])
         elif outcome == "error":
             error = dict(result.error or {})
             error.setdefault("reason", "exception")
@@ -572,6 +573,7 @@ class Scheduler:
         *,
         forward: bool = True,
     ) -> None:
+        items = task.items  # travels back with the result: the creator maps values to items
         self._task_over(project, task, TaskState.DONE)
         project.tasks_done += 1
         project.items_done += result.n_items
@@ -589,6 +591,7 @@ class Scheduler:
                     p.TaskDone(
                         project_id=project.project_id,
                         seq=task.seq,
+                        items=items,
                         payload=result.payload,
                         n_items=result.n_items,
                         n_kept=result.n_kept,

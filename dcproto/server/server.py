@@ -7,27 +7,23 @@ except that messages reporting stored state wait for the next (group) commit.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import secrets
-import signal
-import socket
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from .. import protocol as p
-from ..connection import SECRET_ENV, install_uvloop
 from ..errors import LocalProtocolError
-from ..paths import default_state_dir
+from ..trust import permissions
+from ..trust.tls import ServerIdentity, channel_binding, server_context
+from ..trust.tokens import TokenRecord, TokenStore, verify_proof
 from . import scheduler as s
-from .store import StateError, Store, load_or_create_secret
+from .store import StateError, Store
 
 log = logging.getLogger("dcproto.server")
 
@@ -36,6 +32,7 @@ DEFAULT_PORT = 8080
 DEFAULT_HEARTBEAT = 5.0
 HANDSHAKE_TIMEOUT = 10.0
 MIN_TIMER_INTERVAL = 0.02
+TOKEN_CHECK_INTERVAL = 0.5  # seconds between looks at the tokens file
 MAX_WRITE_BUFFER = 256 * 1024 * 1024  # a peer that stops reading is cut off past this
 DEFAULT_KEEP_FINISHED = 7 * 24 * 3600.0  # seconds a finished project's record is kept
 PRUNE_INTERVAL = 3600.0
@@ -61,6 +58,8 @@ class ServerConnection(asyncio.Protocol):
         self.nonce = secrets.token_bytes(32)
         self.device_id: str | None = None
         self.role: str | None = None
+        self.identity: str | None = None  # the token's name, once authenticated
+        self.token_role: str | None = None
         self.name = "?"
         self.last_received = time.monotonic()
         self.last_sent = self.last_received
@@ -131,14 +130,19 @@ class Server:
     def __init__(
         self,
         *,
-        secret: str,
+        tokens: TokenStore,
+        identity: ServerIdentity | None,
         state_dir: Path | None,
         heartbeat: float = DEFAULT_HEARTBEAT,
         max_frame: int = p.DEFAULT_MAX_FRAME,
         keep_finished: float = DEFAULT_KEEP_FINISHED,
     ) -> None:
-        """``state_dir=None`` keeps state in memory only (the embedded default)."""
-        self.secret = secret
+        """``state_dir=None`` keeps project state in memory only (the embedded default).
+        ``identity=None`` serves plain TCP: only for loopback or an explicit ``--insecure``."""
+        self.tokens = tokens
+        self.identity = identity
+        # what a client's proof is bound to: our certificate (nothing on plain TCP)
+        self.channel = b"" if identity is None else channel_binding(identity.cert_der)
         self.state_dir = state_dir
         self.heartbeat = heartbeat
         self.max_frame = max_frame
@@ -151,6 +155,7 @@ class Server:
         self._unsaved_results: dict[str, dict[int, dict[str, Any]]] = {}
         self._unsaved_finished: dict[str, tuple[p.Finished, int, int]] = {}
         self._last_prune = float("-inf")
+        self.owners: dict[str, str] = {}  # running project -> the identity that submitted it
         self.connections: dict[str, ServerConnection] = {}
         self.workers: dict[str, ServerConnection] = {}
         self.creators: dict[str, ServerConnection] = {}
@@ -174,7 +179,14 @@ class Server:
     async def start(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._restore()
-        self._server = await loop.create_server(lambda: ServerConnection(self), host, port)
+        context = None if self.identity is None else server_context(self.identity)
+        self._server = await loop.create_server(
+            lambda: ServerConnection(self),
+            host,
+            port,
+            ssl=context,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if context is not None else None,
+        )
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
         self._timer = asyncio.create_task(self._run_timers())
@@ -316,6 +328,7 @@ class Server:
                 only_if=spec.get("only_if"),
                 options=dict(spec.get("options", {})),
             )
+            self.owners[stored.project_id] = stored.owner or ""
             tasks = list(self.store.open_tasks(stored.project_id))
             actions = self.scheduler.restore(
                 stored.project_id,
@@ -367,33 +380,79 @@ class Server:
                     )
                 self._run(actions)
             case p.Attach():
-                self._attach(conn, message, now)
+                if self._may_access(conn, message.project_id):
+                    self._attach(conn, message, now)
+                else:
+                    self._refuse_attach(conn, message)
             case p.Release():
                 stored = self.store.project(message.project_id)
-                if stored is not None and stored.status != "running":
+                if not self._may_access(conn, message.project_id):
+                    log.warning("%s: Release of a project it does not own", conn.conn_id)
+                elif stored is not None and stored.status != "running":
                     self.store.project_released(message.project_id)
             case p.ListProjects():
                 self._commit()
-                conn.send(p.ProjectList(ref=message.ref, projects=self.store.projects()))
+                projects = [
+                    row
+                    for row in self.store.projects()
+                    if permissions.may_access_project(
+                        conn.identity or "", conn.token_role or "", row["owner"]
+                    )
+                ]
+                conn.send(p.ProjectList(ref=message.ref, projects=projects))
             case p.Cancel():
-                self._run(self.scheduler.cancel(conn.conn_id, message.project_id, now))
+                if self._may_access(conn, message.project_id):
+                    self._run(self.scheduler.cancel(conn.conn_id, message.project_id, now))
+                else:
+                    log.warning("%s: Cancel of a project it does not own", conn.conn_id)
             case p.Goodbye() | p.Error():
                 log.info("%s (%s) closes: %s", conn.conn_id, conn.name, message)
             case _:
                 pass  # Heartbeat: liveness was recorded above
 
+    def _verified(self, conn: ServerConnection, hello: p.Hello) -> TokenRecord | None:
+        record = self.tokens.get(hello.identity)
+        return (
+            record
+            if record is not None
+            and verify_proof(
+                record.stored_key,
+                identity=hello.identity,
+                proof=hello.proof,
+                nonce=conn.nonce,
+                role=hello.role,
+                channel=self.channel,
+            )
+            else None
+        )
+
     def _hello(self, conn: ServerConnection, hello: p.Hello, now: float) -> None:
-        if not p.check_auth(self.secret, conn.nonce, hello.auth):
-            log.warning("%s: wrong secret from %s", conn.conn_id, hello.name)
-            conn.close("auth_failed", "the server refused the secret")
+        record = self._verified(conn, hello)
+        if record is None:
+            # a token added a moment ago works at once: look at the tokens file again (a stat)
+            self._check_tokens()
+            record = self._verified(conn, hello)
+        if record is None:
+            log.warning("%s: refused token %r", conn.conn_id, hello.identity)
+            conn.close("auth_failed", "unknown, revoked or wrong token")
             return
+        if not permissions.may_connect_as(record.role, hello.role):
+            log.warning(
+                "%s: token %r may not connect as %s", conn.conn_id, hello.identity, hello.role
+            )
+            conn.close("forbidden", permissions.refusal(record.role, hello.role))
+            return
+        conn.identity = record.name
+        conn.token_role = record.role
         device_id = hello.device_id
-        if not device_id or not self.store.known_device(device_id):
+        # a device id is kept only by the identity it was given to: nobody can pose as
+        # another person's worker to deliver results for its tasks
+        if not device_id or self.store.device_owner(device_id) not in ("", record.name):
             device_id = uuid.uuid4().hex
         conn.device_id = device_id
         conn.role = hello.role
         conn.name = hello.name or device_id[:8]
-        self.store.device_seen(device_id, conn.name, hello.role)
+        self.store.device_seen(device_id, conn.name, hello.role, record.name)
         conn.send(
             p.Welcome(
                 device_id=device_id, heartbeat_interval=self.heartbeat, max_frame=self.max_frame
@@ -410,8 +469,39 @@ class Server:
         else:
             self.creators[conn.conn_id] = conn
 
+    def _owner(self, project_id: str) -> str | None:
+        owner = self.owners.get(project_id)
+        if owner is None:
+            stored = self.store.project(project_id)
+            owner = None if stored is None else stored.owner
+        return owner
+
+    def _may_access(self, conn: ServerConnection, project_id: str) -> bool:
+        return permissions.may_access_project(
+            conn.identity or "", conn.token_role or "", self._owner(project_id)
+        )
+
+    def _refuse_attach(self, conn: ServerConnection, attach: p.Attach) -> None:
+        """Attach to a project of someone else's: ``forbidden`` (an unknown id to a non-admin
+        reads the same as any project it does not own)."""
+        log.warning("%s (%s): Attach to a project it does not own", conn.conn_id, conn.identity)
+        conn.send(
+            p.Attached(
+                ref=attach.ref,
+                project_id=attach.project_id,
+                status="forbidden",
+                stored=0,
+                items_stored=0,
+                ended=False,
+                credit=0,
+            )
+        )
+
     def _submit(self, conn: ServerConnection, submit: p.Submit, now: float) -> None:
         project_id = submit.project_id
+        if not permissions.may_submit(conn.token_role or ""):
+            self._refuse(conn, project_id, "forbidden", "this token may not submit projects")
+            return
         if project_id in self.scheduler.projects or self.store.project(project_id) is not None:
             self._refuse(conn, project_id, "duplicate_id", f"project id {project_id} is in use")
             return
@@ -427,8 +517,10 @@ class Server:
             "only_if": submit.only_if,
             "options": self.scheduler.projects[project_id].options,
         }
+        owner = conn.identity or ""
+        self.owners[project_id] = owner
         self.store.project_submitted(
-            project_id, submit.name, conn.device_id or "", submit.code, spec
+            project_id, submit.name, conn.device_id or "", submit.code, spec, owner
         )
         log.info("project %s (%s) submitted by %s", project_id, submit.name, conn.name)
         self._run(actions)
@@ -556,6 +648,7 @@ class Server:
                     if isinstance(message, p.TaskDone):
                         record = {
                             "seq": message.seq,
+                            "items": message.items,
                             "payload": message.payload,
                             "n_items": message.n_items,
                             "n_kept": message.n_kept,
@@ -586,6 +679,7 @@ class Server:
             {"error": message.error, "stop": message.stop, "stats": message.stats},
         )
         self.scheduler.forget_project(message.project_id)
+        self.owners.pop(message.project_id, None)
 
     # timers ------------------------------------------------------------------------------------
 
@@ -595,12 +689,13 @@ class Server:
             now = time.monotonic()
             self._run(self.scheduler.tick(now))
             self._check_liveness(now)
+            self._check_tokens()
             if now - self._last_prune > PRUNE_INTERVAL:
                 self._last_prune = now
                 self.store.prune(self.keep_finished)
             # Leases are checked a few times per the shortest lease, not on every event: an
             # expiry is noticed at most a quarter of a lease late, at a fixed small cost.
-            wait = self.heartbeat / 2
+            wait = min(self.heartbeat / 2, TOKEN_CHECK_INTERVAL)
             for project in self.scheduler.projects.values():
                 wait = min(wait, project.options["lease_timeout"] / 4)
             deadline = self.scheduler.next_deadline()
@@ -615,6 +710,21 @@ class Server:
                 waiter.cancel()
             if self._stopping.is_set():
                 return
+
+    def _check_tokens(self) -> None:
+        """Pick up tokens added or revoked by ``dcproto tokens`` (one stat when nothing
+        changed); a revoked token's connections are closed at once."""
+        if not self.tokens.reload_if_changed():
+            return
+        for conn in list(self.connections.values()):
+            if conn.identity is None:
+                continue
+            record = self.tokens.get(conn.identity)
+            if record is None or not permissions.may_connect_as(record.role, conn.role or ""):
+                log.warning("%s (%s): token %r revoked", conn.conn_id, conn.name, conn.identity)
+                conn.close("revoked", "this connection's token was revoked")
+            else:
+                conn.token_role = record.role
 
     def _check_liveness(self, now: float) -> None:
         silence_limit = self.heartbeat * p.SILENCE_FACTOR
@@ -634,93 +744,3 @@ class Server:
                     conn.transport.abort()
             elif now - conn.last_sent > self.heartbeat:
                 conn.send(p.Heartbeat())
-
-
-# ---- command line ------------------------------------------------------------------------------
-
-
-def join_host(host: str) -> str:
-    """The address other machines should use to reach a server bound to ``host``."""
-    if host in ("0.0.0.0", "::", ""):
-        return socket.gethostname()
-    return host
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dcproto-server", description="Run the dcproto coordinator server."
-    )
-    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free)")
-    parser.add_argument("--state-dir", type=Path, default=None, help="where state is kept")
-    parser.add_argument(
-        "--secret", default=None, help=f"shared secret (or ${SECRET_ENV}; default: generated)"
-    )
-    parser.add_argument(
-        "--heartbeat",
-        type=float,
-        default=DEFAULT_HEARTBEAT,
-        help="seconds between heartbeats on idle connections",
-    )
-    parser.add_argument(
-        "--memory",
-        action="store_true",
-        help="keep state in memory only: nothing survives a restart (for tests and benchmarks)",
-    )
-    parser.add_argument(
-        "--keep-finished",
-        type=float,
-        default=DEFAULT_KEEP_FINISHED,
-        help="seconds a finished project's record and unfetched results are kept (default 7 days)",
-    )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    return parser
-
-
-async def serve(args: argparse.Namespace) -> int:
-    state_dir: Path = args.state_dir or default_state_dir()
-    try:
-        secret = args.secret or os.environ.get(SECRET_ENV) or load_or_create_secret(state_dir)
-        server = Server(
-            secret=secret,
-            state_dir=None if args.memory else state_dir,
-            heartbeat=args.heartbeat,
-            keep_finished=args.keep_finished,
-        )
-    except StateError as exc:
-        print(f"dcproto-server: {exc}", file=sys.stderr)
-        return 2
-    try:
-        host, port = await server.start(args.host, args.port)
-    except OSError as exc:
-        print(f"dcproto-server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
-    # before the banner: whoever sees it may stop us at once, and must get a clean stop
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    print(f"dcproto server listening on {host}:{port}", flush=True)
-    print(f"state dir: {state_dir}", flush=True)
-    print(
-        f"to join from another machine: dcproto users add NAME {join_host(args.host)}:{port} "
-        f"--secret {secret}",
-        flush=True,
-    )
-    await stop.wait()
-    log.info("shutting down")
-    await server.stop()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    install_uvloop()
-    return asyncio.run(serve(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

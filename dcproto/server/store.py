@@ -1,4 +1,4 @@
-"""Durable server state in SQLite (WAL mode): the secret, devices, projects, tasks and results.
+"""Durable server state in SQLite (WAL mode): devices, projects, tasks and results.
 
 Writes are queued and committed together by :meth:`Store.commit`, which the server calls once
 per event-loop turn *before* it sends anything out: nothing leaves the server before the state
@@ -12,7 +12,6 @@ import collections
 import contextlib
 import json
 import os
-import secrets
 import sqlite3
 import time
 import zlib
@@ -24,7 +23,6 @@ from typing import Any
 import msgpack
 
 from ..errors import DcprotoError
-from ..paths import SECRET_FILE
 
 MAX_PENDING_WRITES = 1_000_000  # writes held in memory while the disk refuses them
 DB_FILE = "state.sqlite3"
@@ -86,32 +84,18 @@ MIGRATIONS: list[str] = [
     ALTER TABLE results ADD COLUMN payload_size INTEGER;
     ALTER TABLE results ADD COLUMN payload_crc INTEGER;
     """,
+    # 4: tokens. A project belongs to the identity (token name) that submitted it, and a
+    # device id to the identity that was given it
+    """
+    ALTER TABLE projects ADD COLUMN owner TEXT;
+    ALTER TABLE devices ADD COLUMN owner TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class StateError(DcprotoError):
     """The state directory or database cannot be used."""
-
-
-def load_or_create_secret(state_dir: Path) -> str:
-    """The server's secret, made on first start and kept (mode 0600) in the state dir."""
-    path = state_dir / SECRET_FILE
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-        if text:
-            return text
-    except FileNotFoundError:
-        pass
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        secret = secrets.token_urlsafe(24)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(secret + "\n")
-    except OSError as exc:
-        raise StateError(f"cannot keep the secret in {state_dir}: {exc}") from exc
-    return secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +113,7 @@ class StoredProject:
     items_received: int
     outcome: dict[str, Any] | None  # Finished fields once finished: error, stop, stats
     released: bool
+    owner: str | None  # the identity that submitted it (None: before tokens)
 
 
 def _pack(value: Any) -> bytes:
@@ -336,28 +321,38 @@ class Store:
 
     # ---- devices -------------------------------------------------------------------------------
 
-    def known_device(self, device_id: str) -> bool:
-        row = self._db.execute("SELECT 1 FROM devices WHERE device_id=?", (device_id,)).fetchone()
-        return row is not None
+    def device_owner(self, device_id: str) -> str | None:
+        """The identity a device id was given to; None for an unknown id."""
+        row = self._db.execute(
+            "SELECT owner FROM devices WHERE device_id=?", (device_id,)
+        ).fetchone()
+        return None if row is None else (row[0] or "")
 
-    def device_seen(self, device_id: str, name: str, role: str) -> None:
+    def device_seen(self, device_id: str, name: str, role: str, owner: str) -> None:
         now = time.time()
         self._queue(
-            "INSERT INTO devices(device_id, name, role, first_seen, last_seen) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
-            "name=excluded.name, last_seen=excluded.last_seen",
-            (device_id, name, role, now, now),
+            "INSERT INTO devices(device_id, name, role, first_seen, last_seen, owner) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
+            "name=excluded.name, last_seen=excluded.last_seen, "
+            "owner=coalesce(devices.owner, excluded.owner)",
+            (device_id, name, role, now, now, owner),
         )
 
     # ---- projects ------------------------------------------------------------------------------
 
     def project_submitted(
-        self, project_id: str, name: str, creator_device: str, code: bytes, spec: dict[str, Any]
+        self,
+        project_id: str,
+        name: str,
+        creator_device: str,
+        code: bytes,
+        spec: dict[str, Any],
+        owner: str,
     ) -> None:
         self._queue(
             "INSERT INTO projects(project_id, name, creator_device, submitted_at, status, code, "
-            "spec) VALUES (?, ?, ?, ?, 'running', ?, ?)",
-            (project_id, name, creator_device, time.time(), code, _pack(spec)),
+            "spec, owner) VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
+            (project_id, name, creator_device, time.time(), code, _pack(spec), owner),
         )
 
     def tasks_added(self, project_id: str, tasks: list[tuple[int, int, bytes, int]]) -> None:
@@ -506,7 +501,7 @@ class Store:
     def projects(self) -> list[dict[str, Any]]:
         rows = self._db.execute(
             "SELECT project_id, name, status, submitted_at, finished_at, total_tasks, "
-            "tasks_received, released FROM projects ORDER BY submitted_at"
+            "tasks_received, released, owner FROM projects ORDER BY submitted_at"
         ).fetchall()
         keys = (
             "project_id",
@@ -517,13 +512,14 @@ class Store:
             "total_tasks",
             "tasks_received",
             "released",
+            "owner",
         )
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
 _PROJECT_SELECT = (
     "SELECT project_id, name, status, submitted_at, finished_at, code, spec, total_tasks, "
-    "total_items, tasks_received, items_received, outcome, released FROM projects"
+    "total_items, tasks_received, items_received, outcome, released, owner FROM projects"
 )
 
 
@@ -542,6 +538,7 @@ def _project(row: tuple[Any, ...]) -> StoredProject:
         items_received=row[10],
         outcome=_unpack(row[11]),
         released=bool(row[12]),
+        owner=row[13],
     )
 
 

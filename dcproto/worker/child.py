@@ -29,15 +29,18 @@ import sys
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 import msgpack
 
+from ..errors import UnsafeResult
 from ..paths import OUTPUT_DIR_ENV
 from ..pickling import PLAIN_TYPES
 from ..protocol import HEADER, Decoder
+from ..trust.safe import safe_loads
 
 MAX_OUTPUT_BYTES = 32 * 1024 * 1024  # additional files of one task, in total
 MAX_OUTPUT_FILES = 1000
@@ -61,7 +64,10 @@ def _on_abandon(signum: int, frame: Any) -> None:
 
 class LoadedProject:
     def __init__(self, command: list[Any]) -> None:
-        _, self.project_id, code, modules, parallel, stop, only_if, self.errors = command
+        _, self.project_id, code, modules, parallel, stop, only_if, self.errors, trusted = command
+        # values for a creator that decodes them with the safe decoder are checked here, so
+        # that a value it would refuse fails its own item with a clear error
+        self.check_values = not trusted
         self.error: str | None = None
         try:
             for name in modules:
@@ -87,25 +93,44 @@ def _error_info(item: Any, exc: BaseException) -> dict[str, Any]:
     }
 
 
-def _pickle_kept(kept: dict[Any, Any]) -> bytes:
-    if PLAIN_TYPES.issuperset(map(type, kept)) and PLAIN_TYPES.issuperset(map(type, kept.values())):
+def _pickle_kept(kept: dict[int, Any], items: Sequence[Any], check_values: bool) -> bytes:
+    """The kept values, keyed by their item's index in the task (the creator keeps the items
+    themselves). Raises _ValueError naming the item whose value cannot travel."""
+    if PLAIN_TYPES.issuperset(map(type, kept.values())):
         # the C pickler is several times faster, and plain values pickle the same either way
         return pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL)
     try:
-        return cloudpickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = cloudpickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        for item, value in kept.items():  # find the culprit, to name it in the error
+        for index, value in kept.items():  # find the culprit, to name it in the error
             try:
-                cloudpickle.dumps((item, value))
+                cloudpickle.dumps(value)
             except Exception as inner:
-                raise _ValueError(item, inner) from inner
+                raise _ValueError(items[index], inner) from inner
         raise _ValueError(None, exc) from exc
+    if check_values:
+        try:
+            safe_loads(blob, what="a value")
+        except UnsafeResult as exc:
+            for index, value in kept.items():
+                try:
+                    safe_loads(
+                        cloudpickle.dumps(value), what=f"the value for {items[index]!r:.200}"
+                    )
+                except UnsafeResult as inner:
+                    raise _ValueError(items[index], inner, reason="unsafe_type") from inner
+            raise _ValueError(None, exc, reason="unsafe_type") from exc
+    return blob
 
 
 class _ValueError(Exception):
-    def __init__(self, item: Any, cause: BaseException) -> None:
-        super().__init__(f"the return value cannot be pickled: {cause}")
+    def __init__(self, item: Any, cause: BaseException, reason: str = "unpicklable") -> None:
+        if reason == "unsafe_type":
+            super().__init__(str(cause))
+        else:
+            super().__init__(f"the return value cannot be pickled: {cause}")
         self.item = item
+        self.reason = reason
 
 
 def _left_behind(output_dir: Path) -> bool:
@@ -161,16 +186,16 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
         parallel, stop, only_if = project.parallel, project.stop, project.only_if
         loop_started = time.perf_counter()
         # the loop is timed as a whole: two clock reads per item cost more than x + 1 does
-        for item in items:
+        for index, item in enumerate(items):
             n_items += 1
             try:
                 value = parallel(item)
                 if stop is not None and stop(value):
                     outcome = "stop"
-                    kept = {item: value}
+                    kept = {index: value}
                     break
                 if only_if is None or only_if(value):
-                    kept[item] = value
+                    kept[index] = value
             except TaskAbandoned:
                 raise
             except BaseException as exc:
@@ -185,11 +210,11 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
             payload = b""
         else:
             try:
-                payload = _pickle_kept(kept)
+                payload = _pickle_kept(kept, items, project.check_values)
             except _ValueError as exc:
                 outcome, payload = "error", b""
                 error = _error_info(exc.item, exc)
-                error["reason"] = "unpicklable"
+                error["reason"] = exc.reason
         if outcome != "error":
             left_behind = _left_behind(output_dir)
             if left_behind:

@@ -36,10 +36,13 @@ def choose_user(read: Callable[[str], str] = input) -> users.User:
         if name in known:
             return known[name]
         address = _ask(f"address of {name} (HOST[:PORT]): ", read)
-        secret = _ask("secret: ", read) or None
+        token = _ask("token (NAME.SECRET, from the server's admin): ", read) or None
+        fingerprint = _ask("certificate fingerprint (sha256:..., empty to verify by CA): ", read)
         try:
             host, port = users.parse_address(address)
-            user = users.User(name=name, host=host, port=port, secret=secret)
+            user = users.User(
+                name=name, host=host, port=port, token=token, fingerprint=fingerprint or None
+            )
             users.add_user(user)
         except DcprotoError as exc:
             print(f"error: {exc}")
@@ -63,13 +66,13 @@ def run_menu(read: Callable[[str], str] = input) -> int:
                 print("a positive whole number, please")
                 continue
             user = users.load_users().get(user.name, user)
-            if not user.secret:
-                print(f"user {user.name} has no secret; recreate it with 'user'")
+            try:
+                endpoint = user.endpoint()
+            except DcprotoError as exc:
+                print(f"error: {exc}")
                 continue
             config = WorkerConfig(
-                host=user.host,
-                port=user.port,
-                secret=user.secret,
+                endpoint=endpoint,
                 device_id=user.device_id,
                 max_tasks=int(text),
                 reconnect=False,

@@ -298,6 +298,7 @@ class Runner:
                     project.stop,
                     project.only_if,
                     project.options.get("errors", "raise"),
+                    project.options.get("trust_workers", False) is True,
                 ]
             )
             child.loaded[project.project_id] = None

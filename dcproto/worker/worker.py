@@ -18,16 +18,20 @@ import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from .. import protocol as p
-from ..connection import backoff_delays, keep_alive, open_session
+from ..connection import Endpoint, backoff_delays, keep_alive, open_session
 from ..errors import (
     AuthenticationFailed,
+    CertificateMismatch,
     ConnectionFailed,
     DcprotoError,
     LocalProtocolError,
+    PermissionDenied,
     UsageError,
 )
+from ..trust.tokens import TOKEN_ENV, read_token_file
 from .runner import Outcome, Runner, default_slots
 
 log = logging.getLogger("dcproto.worker")
@@ -42,9 +46,7 @@ MAX_PREFETCH_PER_SLOT = 32
 
 @dataclass(kw_only=True)
 class WorkerConfig:
-    host: str
-    port: int
-    secret: str
+    endpoint: Endpoint
     device_id: str | None = None
     name: str = ""
     slots: int = 0  # 0: one per CPU
@@ -106,8 +108,8 @@ class Worker:
                 try:
                     await self._session()
                     delays = backoff_delays(BACKOFF_START, BACKOFF_CAP)  # it worked: start over
-                except AuthenticationFailed:
-                    raise
+                except (AuthenticationFailed, CertificateMismatch, PermissionDenied):
+                    raise  # retrying cannot help
                 except ConnectionFailed as exc:
                     if not self.config.reconnect:
                         raise
@@ -127,17 +129,15 @@ class Worker:
     async def _session(self) -> None:
         cfg = self.config
         reader, writer, proto, welcome = await open_session(
-            cfg.host,
-            cfg.port,
+            cfg.endpoint,
             role="worker",
-            secret=cfg.secret,
             device_id=self.device_id,
             name=self.name,
             slots=self.slots,
         )
         self.device_id = welcome.device_id
         self.heartbeat_interval = welcome.heartbeat_interval
-        log.info("connected to %s:%d as %s", cfg.host, cfg.port, self.device_id)
+        log.info("connected to %s as %s", cfg.endpoint.address, self.device_id)
         self._proto, self._writer = proto, writer
         self._last_received = time.monotonic()
         self._unused_credit = 0
@@ -348,29 +348,48 @@ class Worker:
 # ---- command line ------------------------------------------------------------------------------
 
 
-def resolve_target(target: str, secret: str | None) -> tuple[str, int, str, str | None, str | None]:
-    """``HOST[:PORT]`` or a user alias -> (host, port, secret, device_id, alias)."""
+def resolve_target(
+    target: str, *, token: str | None, fingerprint: str | None, insecure: bool
+) -> tuple[Endpoint, str | None, str | None]:
+    """``HOST[:PORT]`` or a user alias -> (endpoint, device_id, alias). The token comes from
+    ``token`` (read from --token-file), ``$DCPROTO_TOKEN``, the user, or for a server on this
+    machine, its state dir."""
     from .. import users
-    from ..connection import SECRET_ENV
-    from ..paths import default_state_dir, read_secret
+    from ..paths import default_state_dir, read_local_server
 
     known = users.load_users()
     if target in known:
         user = known[target]
-        found = secret or user.secret or os.environ.get(SECRET_ENV)
+        found = token or user.token or os.environ.get(TOKEN_ENV)
         if not found:
-            raise UsageError(f"user {target!r} has no secret; pass --secret")
-        return user.host, user.port, found, user.device_id, target
+            raise UsageError(f"user {target!r} has no token; add it again with its join line")
+        endpoint = Endpoint(
+            host=user.host,
+            port=user.port,
+            token=found,
+            fingerprint=fingerprint or user.fingerprint,
+            insecure=insecure or user.insecure,
+        )
+        return endpoint, user.device_id, target
     host, port = users.parse_address(target)
-    found = secret or os.environ.get(SECRET_ENV)
-    if not found and host in ("127.0.0.1", "localhost", "::1"):
-        found = read_secret(default_state_dir())  # a server of ours on this machine
+    found = token or os.environ.get(TOKEN_ENV)
+    if host in ("127.0.0.1", "localhost", "::1"):
+        local = read_local_server(default_state_dir())  # a server of ours on this machine
+        if local is not None:
+            found = found or local.token
+            fingerprint = fingerprint or local.fingerprint
+            insecure = insecure or local.insecure
     if not found:
         raise UsageError(
-            f"no secret for {target}: pass --secret, set ${SECRET_ENV}, "
-            "or add a user with 'dcproto users add NAME HOST[:PORT] --secret ...'"
+            f"no token for {target}: use --token-file, set ${TOKEN_ENV}, "
+            "or add the server with the join line its admin gives you (dcproto users add ...)"
         )
-    return host, port, found, None, None
+    if not insecure and fingerprint is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.info("no fingerprint for %s: its certificate must verify against the CA store", host)
+    endpoint = Endpoint(
+        host=host, port=port, token=found, fingerprint=fingerprint, insecure=insecure
+    )
+    return endpoint, None, None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,7 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tasks held beyond the slots (default: adapts to task length)",
     )
-    connect.add_argument("--secret", default=None, help="the server's secret")
+    connect.add_argument(
+        "--token-file", type=Path, default=None, help=f"file holding the token (or ${TOKEN_ENV})"
+    )
+    connect.add_argument(
+        "--fingerprint", default=None, help="the server certificate's sha256 fingerprint"
+    )
+    connect.add_argument(
+        "--insecure", action="store_true", help="plain TCP, for a server run with --insecure"
+    )
     connect.add_argument("--name", default="", help="name shown in stats and logs")
     connect.add_argument("--log-level", default="INFO")
     return parser
@@ -401,9 +428,12 @@ async def run_worker(config: WorkerConfig, alias: str | None = None) -> int:
         loop.add_signal_handler(signum, worker.stop)
     try:
         await worker.run()
-    except AuthenticationFailed as exc:
-        print(f"dcproto-worker: the server refused the secret: {exc}", file=sys.stderr)
+    except (AuthenticationFailed, PermissionDenied) as exc:
+        print(f"dcproto-worker: {exc}", file=sys.stderr)
         return 3
+    except CertificateMismatch as exc:
+        print(f"dcproto-worker: {exc}", file=sys.stderr)
+        return 4
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
@@ -429,14 +459,15 @@ def main(argv: list[str] | None = None) -> int:
         print("dcproto-worker: --tasks must be at least 1", file=sys.stderr)
         return 2
     try:
-        host, port, secret, device_id, alias = resolve_target(args.target, args.secret)
+        token = read_token_file(args.token_file) if args.token_file else None
+        endpoint, device_id, alias = resolve_target(
+            args.target, token=token, fingerprint=args.fingerprint, insecure=args.insecure
+        )
     except DcprotoError as exc:
         print(f"dcproto-worker: {exc}", file=sys.stderr)
         return 2
     config = WorkerConfig(
-        host=host,
-        port=port,
-        secret=secret,
+        endpoint=endpoint,
         device_id=device_id,
         name=args.name,
         slots=args.slots,

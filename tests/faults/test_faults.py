@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, WorkerProcess, wait_for
+from conftest import ServerProcess, WorkerProcess, raw_socket, wait_for
 
 from dcproto import Distribute, TaskFailed, load_results
 from dcproto.users import User, add_user
@@ -77,7 +77,15 @@ def report(text: str) -> None:
 
 def home_user(server: ServerProcess) -> None:
     """The named server "home" points at ``server`` (for servers made with ``make_server``)."""
-    add_user(User(name="home", host="127.0.0.1", port=server.port, secret=server.secret))
+    add_user(
+        User(
+            name="home",
+            host="127.0.0.1",
+            port=server.port,
+            token=server.add_token("creator", "creator"),
+            fingerprint=server.fingerprint,
+        )
+    )
 
 
 def task_seqs(results_path: Path) -> list[int]:
@@ -122,7 +130,7 @@ def log_time(line: str) -> float:
 
 def wait_serving(server: ServerProcess) -> None:
     """Until the server answers a connection with its Challenge: its event loop is running."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=STARTUP_TIMEOUT) as sock:
+    with raw_socket(server, timeout=STARTUP_TIMEOUT) as sock:
         sock.settimeout(STARTUP_TIMEOUT)
         assert sock.recv(4096), "the server closed the connection at once"
 
@@ -862,13 +870,11 @@ def test_server_refuses_a_read_only_state_dir(
             [
                 sys.executable,
                 "-m",
-                "dcproto.server.server",
+                "dcproto.server.main",
                 "--port",
                 "0",
                 "--state-dir",
                 str(tmpfs),
-                "--secret",
-                "s3cret",
                 "--heartbeat",
                 "0.5",
             ],
@@ -920,8 +926,8 @@ def test_sigterm_right_after_the_banner_stops_cleanly(tmp_path: Path) -> None:
         with open(tmp_path / "server.log", "w") as log:
             proc = subprocess.Popen(
                 [
-                    *(sys.executable, "-m", "dcproto.server.server", "--port", str(port)),
-                    *("--state-dir", str(tmp_path / "state"), "--secret", "s3cret"),
+                    *(sys.executable, "-m", "dcproto.server.main", "--port", str(port)),
+                    *("--state-dir", str(tmp_path / "state")),
                 ],
                 stdout=write_fd,
                 stderr=log,
