@@ -189,7 +189,7 @@ def tokens_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "server":
-        from .server.server import main as server_main
+        from .server.main import main as server_main
 
         return server_main(argv[1:])
     if argv and argv[0] == "worker":

@@ -375,7 +375,8 @@ class Attach(Message):
 @_msg
 class Attached(Message):
     """Server -> creator: the state of an attached project. ``status`` is ``running``, a
-    Finished status, ``released`` (its results were already released) or ``unknown``.
+    Finished status, ``released`` (its results were already released), ``unknown``, or
+    ``forbidden`` (it belongs to another creator: only its owner or an admin may attach).
     ``stored``/``items_stored`` count the tasks and items on disk: a creator still feeding
     resumes at seq ``stored``; ``ended`` tells whether End was stored."""
 
@@ -399,7 +400,8 @@ class Release(Message):
 
 @_msg
 class ListProjects(Message):
-    """Creator -> server: which projects the server knows."""
+    """Creator -> server: which projects the server knows that the caller may see (its own;
+    an admin's: all)."""
 
     TYPE = 32
     ref: int

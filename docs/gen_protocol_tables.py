@@ -8,10 +8,17 @@ Usage::
 
 The region between ``<!-- BEGIN GENERATED -->`` and ``<!-- END GENERATED -->`` is replaced;
 the rest of the doc is prose and is left alone. Message descriptions are the dataclasses'
-docstrings; field types come from ``SCHEMA``, directions from ``RECEIVE_TABLE``. Field meanings
-and the ``_validate`` rules are kept below, next to the code that renders them, and generation
-fails if they no longer match the message classes (a field added, removed or renamed, a
-``_validate`` added), so the doc cannot silently fall behind the code.
+docstrings; field types come from ``SCHEMA``, directions from ``RECEIVE_TABLE``, every int
+field's range from ``INT_RANGES`` (default 0 .. ``MAX_INT``) and length limits from ``LENGTHS``.
+Field meanings and the ``_validate`` rules are kept below, next to the code that renders them,
+and generation fails if they no longer match the message classes (a field added, removed or
+renamed, a ``_validate`` added, a range or limit naming a field that has none), so the tables
+cannot silently fall behind the code.
+
+The prose cannot be generated, but a few facts in it can be checked: ``--check`` and
+``--write`` also fail (exit 1, naming the sentence) when the prose states another protocol
+version than ``PROTOCOL_VERSION``, or when any sentence or table cell calls a project id
+"server-assigned" although the creator chooses it.
 """
 
 from __future__ import annotations
@@ -38,14 +45,23 @@ def _one_of(values: tuple[str, ...]) -> str:
     return ", ".join(f"`{v}`" for v in values)
 
 
+def _number(value: int) -> str:
+    """An integer as the doc writes it: large powers of two as ``2^k``."""
+    if value >= 2**20 and value & (value - 1) == 0:
+        return f"2^{value.bit_length() - 1}"
+    return str(value)
+
+
 #: (message class name, field) -> what the field means.
 FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Challenge", "version"): f"Protocol version the server speaks (now {p.PROTOCOL_VERSION}).",
-    ("Challenge", "nonce"): "Fresh random bytes; the client's `auth` is computed over them.",
+    ("Challenge", "nonce"): "Fresh random bytes; the client's `proof` is bound to them.",
     ("Challenge", "max_frame"): "Largest frame body, in bytes, the server accepts after Welcome.",
     ("Hello", "version"): "Protocol version the client speaks; must equal the server's.",
     ("Hello", "role"): f"What the client is: one of {_one_of(p.ROLES)}.",
-    ("Hello", "auth"): "HMAC-SHA256 with key = the shared secret (UTF-8), message = `nonce`.",
+    ("Hello", "identity"): "The token's name (the part before the dot of `NAME.SECRET`).",
+    ("Hello", "proof"): "32 bytes proving the token is held, bound to `nonce`, `role`, "
+    "`identity` and the server's certificate (see *Authentication*).",
     ("Hello", "device_id"): "The `device_id` a server gave this machine before, or nil.",
     ("Hello", "name"): "Human-readable name of the client (host name), for logs and stats.",
     ("Hello", "slots"): "Tasks a worker runs at once; a creator sends 0.",
@@ -56,7 +72,7 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Error", "message"): "Human-readable explanation.",
     ("Goodbye", "reason"): "Why the sender closes (free text, for logs).",
     ("Credit", "credit"): "How many more Tasks the worker can take, added to what it had.",
-    ("Project", "project_id"): "Server-assigned project id; Tasks refer to it.",
+    ("Project", "project_id"): "Creator-chosen project id (from Submit); Tasks refer to it.",
     ("Project", "code"): "The creator's pickled project class, passed on unchanged.",
     ("Project", "modules"): "Modules the worker must import before unpickling `code`.",
     ("Project", "parallel"): "Name of the method to run on each item.",
@@ -72,9 +88,10 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Result", "task_id"): "The `task_id` of the Task answered.",
     ("Result", "attempt"): "The `attempt` of the Task answered.",
     ("Result", "outcome"): f"One of {_one_of(p.RESULT_OUTCOMES)} (see *Result outcomes*).",
-    ("Result", "payload"): "Opaque pickled dict `{item: value}` of the kept results; may be empty.",
+    ("Result", "payload"): "Pickled dict `{index: value}` of the kept results, keyed by the "
+    "item's index in the task; may be empty.",
     ("Result", "n_items"): "Items processed.",
-    ("Result", "n_kept"): "Entries in `payload`.",
+    ("Result", "n_kept"): "Entries in `payload`; at most `n_items`.",
     ("Result", "error"): "Details when the task failed (string keys such as `message`), or nil.",
     ("Result", "stats"): "Timings and counters (string keys; ignore unknown keys).",
     ("Result", "files"): "Extra output files, each `[name: str, data: bin]`.",
@@ -100,7 +117,8 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("More", "stored"): "Tasks of the project durably stored: seqs `0 .. stored-1`.",
     ("TaskDone", "project_id"): "The project.",
     ("TaskDone", "seq"): "The creator's `seq` of the task.",
-    ("TaskDone", "payload"): "The worker's Result payload, unchanged.",
+    ("TaskDone", "items"): "The task's items exactly as the creator sent them in Tasks.",
+    ("TaskDone", "payload"): "The worker's Result payload `{index: value}`, unchanged.",
     ("TaskDone", "n_items"): "Items processed.",
     ("TaskDone", "n_kept"): "Entries in `payload`.",
     ("TaskDone", "files"): "Extra output files, each `[name: str, data: bin]`.",
@@ -108,7 +126,8 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Finished", "project_id"): "The project.",
     ("Finished", "status"): f"One of {_one_of(p.PROJECT_STATUSES)}.",
     ("Finished", "error"): "Why it failed (string keys such as `reason`, `message`), or nil.",
-    ("Finished", "stop"): "`[seq, payload]` of the task that met the stop condition, or nil.",
+    ("Finished", "stop"): "`[seq, items, payload]` of the task that met the stop condition "
+    "(its items as the creator sent them, the worker's payload), or nil.",
     ("Finished", "stats"): "Project counters and times (string keys; ignore unknown keys).",
     ("Cancel", "project_id"): "The project to cancel.",
     ("Notice", "project_id"): "The project concerned.",
@@ -118,7 +137,7 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Attach", "project_id"): "The project to re-attach to.",
     ("Attached", "ref"): "The `ref` of the Attach.",
     ("Attached", "project_id"): "The project.",
-    ("Attached", "status"): "`running`, a Finished status, `released` or `unknown`.",
+    ("Attached", "status"): "`running`, a Finished status, `released`, `unknown` or `forbidden`.",
     ("Attached", "stored"): "Tasks durably stored (seqs `0 .. stored-1`); feeding resumes here.",
     ("Attached", "items_stored"): "Items in those tasks.",
     ("Attached", "ended"): "Whether the project's End is stored.",
@@ -126,29 +145,40 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Release", "project_id"): "The project whose results the creator now keeps.",
     ("ListProjects", "ref"): "Chosen by the creator; echoed in ProjectList.",
     ("ProjectList", "ref"): "The `ref` of the ListProjects.",
-    ("ProjectList", "projects"): "One map per project (str keys; ignore unknown keys).",
+    ("ProjectList", "projects"): "One map per project the token may see (str keys; ignore "
+    "unknown keys).",
 }
 
 _FILES_RULE = "each `files` entry is a 2-element array `[str, bin]`"
 
-#: message class name -> its ``_validate`` rules, in words.
+#: message class name -> its ``_validate`` rules, in words. Integer ranges and length limits
+#: are not repeated here: they are rendered from ``INT_RANGES`` and ``LENGTHS``.
 VALIDATION: dict[str, list[str]] = {
-    "Challenge": [
-        f"`nonce` is at least {p.MIN_NONCE} bytes",
-        f"`max_frame` >= {p.MIN_MAX_FRAME}",
+    "Challenge": [f"`nonce` is at least {p.MIN_NONCE} bytes"],
+    "Hello": [
+        f"`role` is one of {_one_of(p.ROLES)}",
+        "`identity` is a token name: 1 to 64 characters of `A-Z a-z 0-9 _ -`, the first a "
+        "letter or digit",
     ],
-    "Hello": [f"`role` is one of {_one_of(p.ROLES)}", "`slots` >= 0"],
-    "Welcome": ["`heartbeat_interval` is finite and > 0", f"`max_frame` >= {p.MIN_MAX_FRAME}"],
-    "Credit": ["`credit` >= 1"],
+    "Welcome": ["`heartbeat_interval` is finite and > 0"],
     "Result": [
         f"`outcome` is one of {_one_of(p.RESULT_OUTCOMES)}",
-        "`credit` >= 0",
+        "`n_kept` <= `n_items`",
         _FILES_RULE,
     ],
-    "Submit": ["`project_id` is 1 to 64 characters of `A-Z a-z 0-9 _ -`"],
-    "Tasks": ["each `tasks` entry is a 3-element array `[int, bin, int]`"],
+    "Submit": [
+        "`project_id` is 1 to 64 characters of `A-Z a-z 0-9 _ -`",
+        f"each `modules` entry is 1 to {p.MAX_NAME} characters",
+    ],
+    "Tasks": [
+        "each `tasks` entry is a 3-element array `[int, bin, int]`; its `seq` and `n_items` "
+        f"are in 0 .. {_number(p.MAX_INT)}"
+    ],
     "TaskDone": [_FILES_RULE],
-    "Finished": [f"`status` is one of {_one_of(p.PROJECT_STATUSES)}"],
+    "Finished": [
+        f"`status` is one of {_one_of(p.PROJECT_STATUSES)}",
+        "`stop` is nil or a 3-element array `[int, bin, bin]`",
+    ],
 }
 
 _SCALARS = {
@@ -219,8 +249,100 @@ def _check_notes() -> None:
     problems += [
         f"rules for {c}, which has no _validate" for c in sorted(VALIDATION.keys() - validated)
     ]
+    annotations = {
+        (cls.__name__, name): annotation
+        for cls in p.MESSAGE_TYPES
+        for name, annotation, _ in p.SCHEMA[cls]
+    }
+    for key in sorted(p.INT_RANGES):
+        if annotations.get(key) not in ("int", "list[int]"):
+            problems.append(f"INT_RANGES names {key[0]}.{key[1]}, which is not an int field")
+    for key in sorted(p.LENGTHS):
+        if _unit(annotations.get(key, "")) is None:
+            problems.append(f"LENGTHS names {key[0]}.{key[1]}, which has no length")
+    if _creator_chosen_ids():
+        problems += [
+            f"the note for {c}.{f} calls a creator-chosen project id server-assigned"
+            for (c, f), note in sorted(FIELD_NOTES.items())
+            if f == "project_id" and _SERVER_ASSIGNED.search(note)
+        ]
     if problems:
         raise SystemExit("gen_protocol_tables.py is out of date:\n  " + "\n  ".join(problems))
+
+
+# ---- ranges and lengths ----------------------------------------------------------------------
+
+
+def _unit(annotation: str) -> str | None:
+    """What a length limit on a field of this annotation counts, or None if it has no length."""
+    base = annotation.replace(" | None", "")
+    if base == "str":
+        return "characters"
+    if base == "bytes":
+        return "bytes"
+    if base.startswith("list["):
+        return "entries"
+    return None
+
+
+def limit(cls: type, name: str, annotation: str) -> str:
+    """The range of an int field, or the length limit of a str, bin or array field, as text;
+    an em dash when only the frame size bounds it."""
+    key = (cls.__name__, name)
+    parts = []
+    length = p.LENGTHS.get(key)
+    if length is not None:
+        parts.append(f"≤ {_number(length)} {_unit(annotation)}")
+    if annotation in ("int", "list[int]"):
+        low, high = p.INT_RANGES.get(key, (0, p.MAX_INT))
+        span = f"{_number(low)} .. {_number(high)}"
+        parts.append(span if annotation == "int" else f"each {span}")
+    return ", ".join(parts) or "—"
+
+
+# ---- facts the hand-written prose must agree with --------------------------------------------
+
+_SERVER_ASSIGNED = re.compile(r"server[- ]assigned", re.IGNORECASE)
+_PROJECT_ID = re.compile(r"project[ _]id|project's id|id of (?:the|a) project", re.IGNORECASE)
+_VERSION_LINE = re.compile(r"Protocol version: \*\*(\d+)\*\*")
+
+
+def _creator_chosen_ids() -> bool:
+    """Whether the creator names its projects: Submit carries the id."""
+    return any(name == "project_id" for name, _, _ in p.SCHEMA[p.Submit])
+
+
+def _sentences(text: str) -> list[str]:
+    """Sentences and table cells of markdown text, each on one line."""
+    paragraphs = re.split(r"\n\s*\n", text)
+    chunks: list[str] = []
+    for paragraph in paragraphs:
+        joined = " ".join(paragraph.split())
+        chunks += [c for c in re.split(r"(?<=[.!?])\s+|\s*\|\s*", joined) if c]
+    return chunks
+
+
+def prose_problems(doc: str) -> list[str]:
+    """Where the doc contradicts facts taken from the code: the protocol version it states
+    outside the generated region, and any sentence or table cell that calls a project id
+    server-assigned while the creator chooses it."""
+    start, stop = doc.find(BEGIN), doc.find(END)
+    prose = doc[:start] + doc[stop + len(END) :] if 0 <= start < stop else doc
+    problems = []
+    stated = _VERSION_LINE.findall(prose)
+    if not stated:
+        problems.append(f"the prose does not state 'Protocol version: **{p.PROTOCOL_VERSION}**'")
+    for version in stated:
+        if int(version) != p.PROTOCOL_VERSION:
+            problems.append(
+                f"the prose says protocol version {version}; the code speaks {p.PROTOCOL_VERSION}"
+            )
+    if _creator_chosen_ids():
+        for sentence in _sentences(doc):
+            if _SERVER_ASSIGNED.search(sentence) and _PROJECT_ID.search(sentence):
+                shown = sentence if len(sentence) <= 120 else sentence[:117] + "..."
+                problems.append(f"project ids are creator-chosen, but the doc says: {shown!r}")
+    return problems
 
 
 def _state_name(state: p.State) -> str:
@@ -243,9 +365,22 @@ def render() -> str:
     add(f"| `HANDSHAKE_MAX_FRAME` | {p.HANDSHAKE_MAX_FRAME} bytes |")
     add(f"| `DEFAULT_MAX_FRAME` | {p.DEFAULT_MAX_FRAME} bytes |")
     add(f"| `INITIAL_CREDIT` | {p.INITIAL_CREDIT} tasks a creator may send right behind a Submit |")
+    add(f"| `MAX_INT` | {_number(p.MAX_INT)}: the top of every integer field's default range |")
+    add(f"| `MIN_NONCE` | {p.MIN_NONCE} bytes |")
+    add(f"| token names (`Hello.identity`) | `{p.IDENTITY.pattern}` |")
+    add(f"| project ids | `{p.PROJECT_ID.pattern}` |")
     add(f"| roles | {_one_of(p.ROLES)} |")
     add(f"| Result outcomes | {_one_of(p.RESULT_OUTCOMES)} |")
     add(f"| project statuses | {_one_of(p.PROJECT_STATUSES)} |")
+    add("")
+    add("### Ranges and lengths")
+    add("")
+    add(f"Every int field is in 0 .. {_number(p.MAX_INT)} unless its row below says otherwise;")
+    add("the elements of an array of int share the array's range. A str, bin or array field")
+    add("with a limit holds at most that many characters, bytes or entries. A field marked —")
+    add("has no limit of its own: the frame size and the message's validation rules bound it.")
+    add("The receiver answers a message that breaks a range or a limit with Error `bad_message`;")
+    add("the reference implementation also refuses to encode one.")
     add("")
     add("### Message types")
     add("")
@@ -265,11 +400,12 @@ def render() -> str:
         add(f"Wire form: `[{wire}]`")
         add("")
         if schema:
-            add("| # | field | msgpack type | meaning |")
-            add("| ---: | --- | --- | --- |")
+            add("| # | field | msgpack type | range or length | meaning |")
+            add("| ---: | --- | --- | --- | --- |")
             for index, (name, annotation, _) in enumerate(schema, start=1):
                 note = FIELD_NOTES[(cls.__name__, name)]
-                add(f"| {index} | `{name}` | {msgpack_type(annotation)} | {note} |")
+                kind = msgpack_type(annotation)
+                add(f"| {index} | `{name}` | {kind} | {limit(cls, name, annotation)} | {note} |")
         else:
             add("No fields.")
         rules = VALIDATION.get(cls.__name__)
@@ -328,12 +464,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     current = args.doc.read_text(encoding="utf-8")
     wanted = splice(current, generated)
+    problems = prose_problems(wanted)
+    for problem in problems:
+        print(f"{args.doc}: {problem} (edit the prose by hand)", file=sys.stderr)
     if args.write:
         if wanted != current:
             args.doc.write_text(wanted, encoding="utf-8")
-        return 0
+        return 1 if problems else 0
     if wanted == current:
-        return 0
+        return 1 if problems else 0
     diff = difflib.unified_diff(
         current.splitlines(keepends=True),
         wanted.splitlines(keepends=True),

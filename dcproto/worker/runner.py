@@ -101,7 +101,7 @@ class Child:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=p.DEFAULT_MAX_FRAME * 2,
-            env={**os.environ, OUTPUT_DIR_ENV: str(self.output_dir)},
+            env={**child_environment(), OUTPUT_DIR_ENV: str(self.output_dir)},
         )
         self.loaded.clear()
         self.stray_signal = False
@@ -375,3 +375,12 @@ class Runner:
 
 def default_slots() -> int:
     return os.cpu_count() or 1
+
+
+def child_environment() -> dict[str, str]:
+    """The worker's environment without its credentials: user code never sees a token."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("DCPROTO_") or name == OUTPUT_DIR_ENV
+    }
