@@ -1,10 +1,12 @@
 """dcproto side by side with the tools a user would pick instead, in one run on this machine.
 
     pip install '.[bench]' && python -m bench [--reps 5] [--quick] [--only WORKLOAD]
-                                            [--peers serial,pool,ppe,dask,ray]
+                                            [--peers serial,pool,ppe,dask,ray] [--insecure]
 
 dcproto runs its real path (a ``dcproto-server`` subprocess with durable state, one
-``dcproto-worker --slots 2`` subprocess, the creator in this process, TCP on 127.0.0.1); each
+``dcproto-worker --slots 2`` subprocess, the creator in this process, TLS on 127.0.0.1 with
+the server's pinned self-signed certificate and a token per role; ``--insecure``: plain TCP,
+see also ``python -m bench.tls_cost``); each
 peer runs in a subprocess of its own (``bench.peers``) that is killed if it makes no progress
 for ``--rep-timeout`` seconds. Prints one markdown table of medians and writes it to
 ``bench/results.md``, with every repetition in ``bench/results.json``.
@@ -67,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds without progress before a peer (or a dcproto project) counts as hung "
         "(default 150; quick 90)",
     )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="dcproto over plain TCP (server, worker and user --insecure) instead of TLS",
+    )
     parser.add_argument("--out", type=Path, default=HERE, help="where results.md/json go")
     args = parser.parse_args(argv)
     if args.only:
@@ -106,7 +113,9 @@ def run_dcproto(args: argparse.Namespace, sizes: dict[str, Any], workdir: Path) 
     for instance in range(1, 4):
         where = workdir / f"dcproto-{instance}"
         where.mkdir()
-        system = DcprotoSystem(where, timeout=args.rep_timeout, user=f"bench{instance}")
+        system = DcprotoSystem(
+            where, timeout=args.rep_timeout, user=f"bench{instance}", insecure=args.insecure
+        )
         try:
             started = time.perf_counter()
             system.start()
@@ -123,6 +132,7 @@ def run_dcproto(args: argparse.Namespace, sizes: dict[str, Any], workdir: Path) 
             return out
         if instance == 1:
             out["startup_s"] = took
+            out["token_setup_s"] = system.token_setup_s
         log(f"dcproto: up in {took:.2f} s")
         failed = False
         try:
@@ -315,13 +325,23 @@ def notes(context: dict[str, Any]) -> list[str]:
             "dcproto: a `dcproto-server` subprocess with durable state (SQLite in a temporary "
             "`--state-dir`), one `dcproto-worker connect 127.0.0.1:PORT --slots 2` subprocess, "
             "the creator (`Distribute(user_name=...)`) in the bench process; every job is a new "
-            "project. Peers: serial loop; `multiprocessing.Pool(2)`; `ProcessPoolExecutor(2)`; "
+            f"project. dcproto's connections: {meta['dcproto_transport']} on 127.0.0.1"
+            + (
+                ""
+                if meta["dcproto_transport"] != "TLS"
+                else " (the server's self-signed certificate, pinned by its fingerprint; a "
+                "worker token and a creator token; `python -m bench.tls_cost` measures its cost)"
+            )
+            + ". Peers: serial loop; `multiprocessing.Pool(2)`; `ProcessPoolExecutor(2)`; "
             "Dask `LocalCluster(n_workers=2, threads_per_worker=1, processes=True)` + `Client`; "
             "Ray `ray.init(num_cpus=2)`; each peer in its own subprocess.",
         ),
         (
             (),
             "Start-up (launch until a first one-item result) is timed apart from the work; "
+            "dcproto's includes making its two tokens once the server is up and waiting for the "
+            "running server to pick them up (it looks every 0.5 s; "
+            f"{context['systems'].get('dcproto', {}).get('token_setup_s', 0.0):.2f} s here); "
             "every system is then warmed once, and each workload once more on a tiny version "
             "of itself, before the timed repetitions. Every run's results are checked.",
         ),
@@ -424,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             "calibration": calibration,
             "versions": versions(),
             "rep_timeout_s": args.rep_timeout,
+            "dcproto_transport": "plain TCP (--insecure)" if args.insecure else "TLS",
         },
         "systems": {},
     }

@@ -1,16 +1,18 @@
 """dcproto on its real path: a ``dcproto-server`` subprocess with durable state (a temporary
 ``--state-dir``), one ``dcproto-worker --slots 2`` subprocess, and the creator library in the
-bench process, over TCP on 127.0.0.1. Only the public API and the CLI are used.
+bench process, over TLS on 127.0.0.1 (the server's self-signed certificate, pinned by its
+fingerprint; ``insecure=True``: plain TCP, ``--insecure`` on both sides). The creator and the
+worker each present a token of their role, made in the server's state dir once it is up. Only
+the public API and the CLI are used.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
+import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,8 +23,9 @@ from typing import Any
 
 from bench import workloads as w
 from bench.harness import System
+from bench.serverctl import Credentials, banner_address, make_credentials
 from dcproto import Distribute
-from dcproto.users import User, add_user
+from dcproto.users import add_user
 
 MB = 1e6
 
@@ -36,23 +39,31 @@ def console_script(name: str, module: str) -> list[str]:
     return [found] if found else [sys.executable, "-m", module]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def watch_banner(proc: subprocess.Popen[bytes], log: Any, timeout: float) -> tuple[str, int]:
+    """Copy the server's stdout to ``log`` (in a thread, for its whole life) and return the
+    ``(host, port)`` of its ``dcproto server listening on HOST:PORT`` line."""
+    found: queue.Queue[tuple[str, int] | None] = queue.Queue()
 
+    def copy() -> None:
+        assert proc.stdout is not None
+        seen = False
+        for line in proc.stdout:
+            with contextlib.suppress(ValueError):  # the log was closed: we are shutting down
+                log.write(line)
+                log.flush()
+            if not seen and (address := banner_address(line.decode(errors="replace"))):
+                seen = True
+                found.put(address)
+        found.put(None)
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dcproto-server exited with {proc.returncode}")
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.005)
-    raise RuntimeError(f"dcproto-server not listening on {port} after {timeout} s")
+    threading.Thread(target=copy, name="server-stdout", daemon=True).start()
+    try:
+        address = found.get(timeout=timeout)
+    except queue.Empty:
+        raise RuntimeError(f"dcproto-server printed no banner in {timeout} s") from None
+    if address is None:
+        raise RuntimeError(f"dcproto-server exited with {proc.wait()} before listening")
+    return address
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
@@ -113,11 +124,15 @@ class PeakRss:
 class DcprotoSystem(System):
     name = "dcproto"
 
-    def __init__(self, workdir: Path, timeout: float, user: str = "bench") -> None:
+    def __init__(
+        self, workdir: Path, timeout: float, user: str = "bench", *, insecure: bool = False
+    ) -> None:
         self.workdir = workdir
         self.user = user
         self.timeout = timeout
-        self.secret = secrets.token_urlsafe(16)
+        self.insecure = insecure  # plain TCP (server, worker and user --insecure), not TLS
+        self.credentials: Credentials | None = None
+        self.token_setup_s = 0.0
         self.server: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
         self._extra: dict[str, float] = {}
@@ -125,34 +140,45 @@ class DcprotoSystem(System):
 
     # ---- processes ---------------------------------------------------------------------------
 
-    def _popen(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _popen(
+        self, args: list[str], log_name: str, *, pipe: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """``pipe``: stdout comes back to us (the caller copies it to the log)."""
         log = open(self.workdir / log_name, "ab")  # noqa: SIM115 - closed in close()
         self._logs.append(log)
         return subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            args, stdout=subprocess.PIPE if pipe else log, stderr=log, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
 
     def start(self) -> None:
-        port = free_port()
+        state_dir = self.workdir / "state"
         self.server = self._popen(
             [
-                *console_script("dcproto-server", "dcproto.server.server"),
+                *console_script("dcproto-server", "dcproto.server.main"),
                 "--host", "127.0.0.1",
-                "--port", str(port),
-                "--secret", self.secret,
-                "--state-dir", str(self.workdir / "state"),
+                "--port", "0",
+                "--state-dir", str(state_dir),
                 "--log-level", "WARNING",
+                *(["--insecure"] if self.insecure else []),
             ],
             "server.log",
+            pipe=True,
         )  # fmt: skip
-        wait_listening(port, self.server, 30)
-        add_user(User(name=self.user, host="127.0.0.1", port=port, secret=self.secret))
+        host, port = watch_banner(self.server, self._logs[-1], 30)
+        began = time.perf_counter()
+        creds = make_credentials(state_dir, host, port, self.workdir, prefix=self.user)
+        # mostly the wait for the running server to pick up the new tokens (up to 0.5 s)
+        self.token_setup_s = time.perf_counter() - began
+        if creds.insecure != self.insecure:
+            raise RuntimeError(f"dcproto-server: insecure={creds.insecure}, not {self.insecure}")
+        self.credentials = creds
+        add_user(creds.user(self.user))
         self.worker = self._popen(
             [
                 *console_script("dcproto-worker", "dcproto.worker.worker"),
-                "connect", f"127.0.0.1:{port}",
-                "--secret", self.secret,
+                "connect", f"{host}:{port}",
+                *creds.worker_args(),
                 "--slots", str(w.SLOTS),
                 "--name", "bench-worker",
                 "--log-level", "WARNING",

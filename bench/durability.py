@@ -6,6 +6,10 @@
    state and on one with ``--memory``;
 2. time from a worker's SIGKILL to its task running again on another worker;
 3. time from a server restart (after SIGKILL) to every worker connected again.
+
+Every server runs with a fresh ``--state-dir`` and TLS (its self-signed certificate, pinned by
+the fingerprint it records in ``server.json``); workers present a worker token from a file, the
+creator a creator token. A restarted server keeps its certificate and tokens (same state dir).
 """
 
 from __future__ import annotations
@@ -13,8 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
-import secrets
 import signal
 import statistics
 import subprocess
@@ -25,22 +27,31 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.serverctl import Credentials, banner_address, make_credentials
 from dcproto import Distribute
-from dcproto.users import User, add_user
-
-SECRET = secrets.token_urlsafe(16)
+from dcproto.users import add_user
 
 
 class Server:
-    def __init__(self, state_dir: Path, *, memory: bool = False, port: int = 0) -> None:
+    """A ``dcproto-server`` on 127.0.0.1; ``credentials``: its tokens, made on its first start
+    in ``state_dir`` (pass them back to a restart on the same dir)."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        memory: bool = False,
+        port: int = 0,
+        credentials: Credentials | None = None,
+    ) -> None:
         args = [
             sys.executable,
             "-m",
-            "dcproto.server.server",
+            "dcproto.server.main",
+            "--host",
+            "127.0.0.1",
             "--port",
             str(port),
-            "--secret",
-            SECRET,
             "--state-dir",
             str(state_dir),
             "--heartbeat",
@@ -62,15 +73,19 @@ class Server:
             assert self.proc.stdout is not None
             for line in self.proc.stdout:
                 self.lines.append((time.perf_counter(), line))
-                found = re.search(r"listening on [\d.]+:(\d+)", line)
-                if found:
-                    self.port = int(found.group(1))
+                found = banner_address(line)
+                if found and not listening.is_set():
+                    self.port = found[1]
                     listening.set()
 
         threading.Thread(target=read, daemon=True).start()
         if not listening.wait(10):
             raise RuntimeError("server did not start")
         self.listening_at = time.perf_counter()
+        if credentials is None:
+            credentials = make_credentials(state_dir, "127.0.0.1", self.port, state_dir.parent)
+        self.credentials = credentials.with_port(self.port)
+        add_user(self.credentials.user("bench"))
 
     def joins_after(self, since: float) -> list[float]:
         return [t for t, line in self.lines if t >= since and "joined as worker" in line]
@@ -80,20 +95,19 @@ class Server:
         self.proc.wait()
 
 
-def start_worker(port: int, slots: int = 1, name: str = "") -> subprocess.Popen[bytes]:
+def start_worker(server: Server, slots: int = 1, name: str = "") -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
             "-m",
             "dcproto.worker.worker",
             "connect",
-            f"127.0.0.1:{port}",
-            "--secret",
-            SECRET,
+            f"127.0.0.1:{server.port}",
+            *server.credentials.worker_args(),
             "--slots",
             str(slots),
             "--name",
-            name or f"w{port}",
+            name or f"w{server.port}",
             "--log-level",
             "WARNING",
         ],
@@ -113,8 +127,7 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
 @contextlib.contextmanager
 def cluster(state_dir: Path, *, memory: bool, workers: int) -> Iterator[Server]:
     server = Server(state_dir, memory=memory)
-    procs = [start_worker(server.port, 1, f"w{i}") for i in range(workers)]
-    add_user(User(name="bench", host="127.0.0.1", port=server.port, secret=SECRET))
+    procs = [start_worker(server, 1, f"w{i}") for i in range(workers)]
     deadline = time.perf_counter() + 20
     while len(server.joins_after(0)) < workers and time.perf_counter() < deadline:
         time.sleep(0.05)
@@ -130,7 +143,10 @@ def plus_one(x: int) -> int:
 
 
 def throughput(tasks: int, workers: int, memory: bool, reps: int) -> float:
-    with tempfile.TemporaryDirectory() as tmp, cluster(Path(tmp), memory=memory, workers=workers):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        cluster(Path(tmp, "state"), memory=memory, workers=workers),
+    ):
         rates = []
         for _ in range(reps):
 
@@ -156,8 +172,7 @@ def reissue_latency() -> float:
         marks = Path(tmp, "marks")
         marks.mkdir()
         server = Server(Path(tmp, "state"))
-        add_user(User(name="bench", host="127.0.0.1", port=server.port, secret=SECRET))
-        first = start_worker(server.port, 1, "first")
+        first = start_worker(server, 1, "first")
         while not server.joins_after(0):
             time.sleep(0.02)
 
@@ -168,7 +183,7 @@ def reissue_latency() -> float:
         project = Marker()
         while not list(marks.iterdir()):
             time.sleep(0.005)
-        second = start_worker(server.port, 1, "second")
+        second = start_worker(server, 1, "second")
         while len(server.joins_after(0)) < 2:
             time.sleep(0.02)
         time.sleep(0.3)  # the second worker is connected and idle
@@ -186,14 +201,14 @@ def reissue_latency() -> float:
 
 def reconnect_time(workers: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(Path(tmp))
+        server = Server(Path(tmp, "state"))
         port = server.port
-        procs = [start_worker(port, 1, f"w{i}") for i in range(workers)]
+        procs = [start_worker(server, 1, f"w{i}") for i in range(workers)]
         while len(server.joins_after(0)) < workers:
             time.sleep(0.05)
         server.kill()
         time.sleep(1.0)  # the server is down for a second
-        server = Server(Path(tmp), port=port)
+        server = Server(Path(tmp, "state"), port=port, credentials=server.credentials)
         while len(server.joins_after(server.listening_at)) < workers:
             time.sleep(0.01)
         back = max(server.joins_after(server.listening_at)) - server.listening_at
@@ -213,7 +228,7 @@ def main() -> None:
     memory = throughput(args.tasks, args.workers, memory=True, reps=args.reps)
     reissue = statistics.median(reissue_latency() for _ in range(3))
     back = statistics.median(reconnect_time(4) for _ in range(3))
-    print(f"| measure ({args.workers} worker processes x 1 slot) | value |")
+    print(f"| measure ({args.workers} worker processes x 1 slot, TLS) | value |")
     print("|---|---|")
     print(f"| {args.tasks:,} tasks of x + 1, durable state | {durable:,.0f} tasks/s |")
     print(f"| {args.tasks:,} tasks of x + 1, --memory | {memory:,.0f} tasks/s |")

@@ -1,15 +1,19 @@
 """Scale test of the server: many light simulated workers against one ``dcproto-server``.
 
     python -m bench.scale [--workers 1000] [--projects 4] [--tasks-per-project 20000] [--memory]
-                          [--small-tasks N] [--no-big-small] [--profile server.prof]
+                          [--small-tasks N] [--no-big-small] [--insecure] [--profile server.prof]
 
-A real ``dcproto-server`` subprocess on 127.0.0.1 (durable state in a temp ``--state-dir``, or
-``--memory``) serves N simulated workers that all live in this process, on one asyncio loop,
-each on its own TCP connection. A simulated worker speaks the wire protocol itself: it runs the
-handshake (``open_session``, one slot), grants ``Credit(1)`` and answers every Task at once
-with an ``ok`` Result that hands the credit back; it ignores Project and Abandon. The projects
-come through the public creator API (``Distribute`` + ``Project()``, user ``scale`` under a temp
-``$DCPROTO_CONFIG_DIR``), all submitted at the same time, over ``range(K)`` with task_size 1.
+A real ``dcproto-server`` subprocess on 127.0.0.1 (a fresh ``--state-dir`` in a temp dir for its
+TLS identity and tokens, and its durable state unless ``--memory``) serves N simulated workers
+that all live in this process, on one asyncio loop, each on its own TLS connection (the server's
+self-signed certificate pinned by the fingerprint it records; ``--insecure``: plain TCP on both
+sides). A simulated worker speaks the wire protocol itself: it runs the handshake
+(``open_session``: TLS, then the token proof, one slot) with a worker token, grants
+``Credit(1)`` and answers every Task at once with an ``ok`` Result that hands the credit back;
+it ignores Project and Abandon. The connects are timed: handshakes per second, TLS included.
+The projects come through the public creator API (``Distribute`` + ``Project()``, user ``scale``
+with a creator token under a temp ``$DCPROTO_CONFIG_DIR``), all submitted at the same time, over
+``range(K)`` with task_size 1.
 
 Each item is ``(project_no, i, t)`` where ``t`` is ``time.monotonic()`` taken when the creator
 slices the item from its lazy generator (system-wide clock on Linux, so comparable across
@@ -52,7 +56,6 @@ import pstats
 import queue
 import random
 import resource
-import secrets
 import signal
 import subprocess
 import sys
@@ -66,13 +69,13 @@ from typing import Any
 
 import cloudpickle
 
+from bench.serverctl import Credentials, banner_address, make_credentials_async
 from dcproto import protocol as p
-from dcproto.connection import open_session
+from dcproto.connection import Endpoint, open_session
 from dcproto.creator.creator import Distribute
-from dcproto.users import CONFIG_DIR_ENV, User, add_user
+from dcproto.users import CONFIG_DIR_ENV, add_user
 
 USER = "scale"
-LISTENING = "dcproto server listening on "
 STARTUP_TIMEOUT = 30.0
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 #: ``python -c`` program: the server under cProfile (wall-clock timer, cProfile's default: the
@@ -80,7 +83,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 #: time charges whatever ran when the server was descheduled).
 PROFILED_SERVER = """
 import cProfile, sys
-from dcproto.server.server import main
+from dcproto.server.main import main
 profile = cProfile.Profile()
 profile.enable()
 try:
@@ -107,21 +110,21 @@ def raise_nofile(wanted: int) -> int:
 
 
 class ServerProcess:
-    """``python -m dcproto.server.server`` on 127.0.0.1 and a free port, maybe under cProfile."""
+    """``python -m dcproto.server.main`` on 127.0.0.1 and a free port, maybe under cProfile."""
 
     def __init__(
         self,
         directory: Path,
         *,
-        secret: str,
         memory: bool = False,
+        insecure: bool = False,
         heartbeat: float = 30.0,
         profile: Path | None = None,
     ) -> None:
-        self.secret = secret
+        self.state_dir = directory / "state"
         self.log_path = directory / "server.log"
         if profile is None:
-            command = [sys.executable, "-m", "dcproto.server.server"]
+            command = [sys.executable, "-m", "dcproto.server.main"]
         else:
             command = [sys.executable, "-c", PROFILED_SERVER, str(profile)]
         command += [
@@ -129,10 +132,8 @@ class ServerProcess:
             "127.0.0.1",
             "--port",
             "0",
-            "--secret",
-            secret,
             "--state-dir",
-            str(directory / "state"),
+            str(self.state_dir),
             "--heartbeat",
             str(heartbeat),
             "--log-level",
@@ -140,6 +141,8 @@ class ServerProcess:
         ]
         if memory:
             command.append("--memory")
+        if insecure:
+            command.append("--insecure")
         with open(self.log_path, "w", encoding="utf-8") as log_file:
             self.proc = subprocess.Popen(
                 command,
@@ -150,10 +153,9 @@ class ServerProcess:
             )
         self.pid = self.proc.pid
         self.stop_hung = False  # SIGINT did not stop it in time
-        self.host = "127.0.0.1"
-        self.port = self._wait_listening()
+        self.host, self.port = self._wait_listening()
 
-    def _wait_listening(self) -> int:
+    def _wait_listening(self) -> tuple[str, int]:
         lines: queue.Queue[str | None] = queue.Queue()
 
         def drain() -> None:  # keeps reading, so the pipe never fills up
@@ -172,8 +174,9 @@ class ServerProcess:
             if line is None:
                 self.kill()
                 raise RuntimeError(f"the server did not start; its log:\n{self.log()}")
-            if LISTENING in line:
-                return int(line.rsplit(":", 1)[1])
+            address = banner_address(line)
+            if address is not None:
+                return address
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -262,9 +265,9 @@ class SimWorker:
         self.last_sent = 0.0
         self.tasks = 0
 
-    async def connect(self, host: str, port: int, secret: str) -> None:
+    async def connect(self, endpoint: Endpoint) -> None:
         self.reader, self.writer, self.proto, welcome = await open_session(
-            host, port, role="worker", secret=secret, device_id=None, name=self.name, slots=1
+            endpoint, role="worker", device_id=None, name=self.name, slots=1
         )
         self.heartbeat_interval = welcome.heartbeat_interval
         self.proto.send(p.Credit(credit=1))
@@ -328,7 +331,8 @@ class SimWorker:
                 task_id=task.task_id,
                 attempt=task.attempt,
                 outcome="ok",
-                payload=pickle.dumps({x: x for x in items}, protocol=pickle.HIGHEST_PROTOCOL),
+                # values keyed by the item's index in the task, as real workers send them
+                payload=pickle.dumps(dict(enumerate(items)), protocol=pickle.HIGHEST_PROTOCOL),
                 n_items=len(items),
                 n_kept=len(items),
                 error=None,
@@ -363,18 +367,17 @@ class Fleet:
     work: float = 0.0  # mean seconds a task takes before its Result (0: answered at once)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    async def start(
-        self, n: int, host: str, port: int, secret: str, *, concurrency: int = 64
-    ) -> None:
-        """Connect ``n`` workers, at most ``concurrency`` handshakes at a time (so the listen
-        backlog never overflows into SYN retransmits)."""
+    async def start(self, n: int, endpoint: Endpoint, *, concurrency: int = 64) -> None:
+        """Connect ``n`` workers to ``endpoint`` (TLS unless it is insecure, then the token
+        proof), at most ``concurrency`` handshakes at a time (so the listen backlog never
+        overflows into SYN retransmits)."""
         gate = asyncio.Semaphore(concurrency)
         started = time.monotonic()
 
         async def one(index: int) -> SimWorker:
             async with gate:
                 worker = SimWorker(self, f"sim{index:05d}")
-                await worker.connect(host, port, secret)
+                await worker.connect(endpoint)
                 return worker
 
         self.workers = list(await asyncio.gather(*(one(i) for i in range(n))))
@@ -611,6 +614,12 @@ class Report:
     workers_lost: int
     server_stop_hung: bool = False
     profile_top: str | None = None
+    tls: bool = True  # False: plain TCP (--insecure)
+
+    @property
+    def handshakes_per_second(self) -> float:
+        """Worker connects (TCP, TLS unless insecure, the token proof, Welcome) per second."""
+        return self.workers / max(self.connect_seconds, 1e-9)
 
 
 async def run(
@@ -620,12 +629,14 @@ async def run(
     big_small: list[int] | None,
     paced: tuple[list[int], float] | None = None,
     memory: bool = False,
+    insecure: bool = False,
     heartbeat: float = 30.0,
     profile: Path | None = None,
     directory: Path | None = None,
 ) -> Report:
     """Start a server and a fleet, run the scenarios, stop everything, return the numbers.
-    Sets ``$DCPROTO_CONFIG_DIR`` to a private directory for the duration (and restores it)."""
+    Sets ``$DCPROTO_CONFIG_DIR`` to a private directory for the duration (and restores it).
+    TLS unless ``insecure``; the fleet presents a worker token, the creators a creator token."""
     raise_nofile(2 * workers + 1024)  # before spawning: the server inherits it
     with contextlib.ExitStack() as stack:
         if directory is None:
@@ -636,16 +647,21 @@ async def run(
         stack.callback(_restore_env, CONFIG_DIR_ENV, previous)
         server = ServerProcess(
             directory,
-            secret=secrets.token_urlsafe(16),
             memory=memory,
+            insecure=insecure,
             heartbeat=heartbeat,
             profile=profile,
         )
         stack.callback(server.kill)
-        add_user(User(name=USER, host=server.host, port=server.port, secret=server.secret))
+        creds: Credentials = await make_credentials_async(
+            server.state_dir, server.host, server.port, directory, prefix=USER
+        )
+        if creds.insecure != insecure:
+            raise RuntimeError(f"the server runs with insecure={creds.insecure}, not {insecure}")
+        add_user(creds.user(USER))
         fleet = Fleet()
         try:
-            await fleet.start(workers, server.host, server.port, server.secret)
+            await fleet.start(workers, creds.endpoint(creds.worker_token))
             idle_rss, idle_connections = server.rss_kib(), server.connections()
             scenarios = [await run_scenario(f"{len(equal)} equal projects", equal, fleet, server)]
             if big_small:
@@ -661,6 +677,7 @@ async def run(
         report = Report(
             workers=workers,
             memory=memory,
+            tls=not insecure,
             connect_seconds=fleet.connect_seconds,
             idle_rss_kib=idle_rss,
             idle_connections=idle_connections,
@@ -697,11 +714,13 @@ def _ms(value: float) -> str:
 
 def markdown(report: Report) -> str:
     state = "memory (--memory)" if report.memory else "durable (SQLite --state-dir)"
+    transport = "TLS" if report.tls else "plain TCP (--insecure)"
+    kind = "TLS + token" if report.tls else "token (no TLS)"
     header = "| metric | " + " | ".join(s.name for s in report.scenarios) + " |"
     lines = [
-        f"Server state: {state}; {report.workers} simulated workers (1 slot each) in one "
-        f"process; connected in {report.connect_seconds:.2f} s "
-        f"({report.workers / max(report.connect_seconds, 1e-9):.0f} handshakes/s); idle server "
+        f"Server state: {state}; connections: {transport}; {report.workers} simulated workers "
+        f"(1 slot each) in one process; connected in {report.connect_seconds:.2f} s "
+        f"({report.handshakes_per_second:.0f} {kind} handshakes/s); idle server "
         f"RSS {report.idle_rss_kib / 1024:.1f} MiB holding {report.idle_connections} TCP "
         "connections; "
         f"workers dropped by the server: {report.workers_lost}"
@@ -786,6 +805,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the paced run: tasks take this long on average on their worker (0 skips it)",
     )
     parser.add_argument("--memory", action="store_true", help="server state in memory only")
+    parser.add_argument(
+        "--insecure", action="store_true", help="plain TCP instead of TLS (server and workers)"
+    )
     parser.add_argument("--heartbeat", type=float, default=30.0, help="server --heartbeat")
     parser.add_argument("--profile", type=Path, default=None, help="cProfile the server to PATH")
     args = parser.parse_args(argv)
@@ -805,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
                 big_small=None if args.no_big_small else [k, small],
                 paced=None if not args.task_ms else ([k // 4] * args.projects, args.task_ms / 1000),
                 memory=args.memory,
+                insecure=args.insecure,
                 heartbeat=args.heartbeat,
                 profile=args.profile,
             )
