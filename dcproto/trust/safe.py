@@ -37,6 +37,7 @@ import io
 import itertools
 import pickle
 import re
+import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -129,6 +130,10 @@ class _NumpyNeeded(Exception):
 _LATIN1 = frozenset({"latin1", "latin-1", "iso-8859-1", "iso8859-1"})
 
 
+def _is_latin1(encoding: object) -> bool:
+    return type(encoding) is str and encoding.lower() in _LATIN1
+
+
 def _codecs_encode(*args: Any) -> bytes:
     # Protocol 2 pickles bytes as _codecs.encode(text, "latin1").
     if len(args) != 2 or type(args[0]) is not str or type(args[1]) is not str:
@@ -156,7 +161,7 @@ def _bytearray(*args: Any) -> bytearray:
         return bytearray()
     if len(args) == 1 and _is_bytes_like(args[0]):
         return bytearray(args[0])
-    if len(args) == 2 and type(args[0]) is str and str(args[1]).lower() in _LATIN1:
+    if len(args) == 2 and type(args[0]) is str and _is_latin1(args[1]):
         return bytearray(args[0], "latin-1")
     raise _Refusal("builtins.bytearray", "arguments other than (), (bytes,) or (str, 'latin-1')")
 
@@ -442,12 +447,13 @@ def _resolve(module: str, name: str, *, with_numpy: bool) -> object:
         if not with_numpy:
             raise _NumpyNeeded
         numpy = _get_numpy()
-        if numpy is None:
-            raise SerializationError(
-                f"the value holds {module}.{name} but numpy is not installed here"
-            )
+        if numpy is None:  # the C pass found numpy importable; it still is
+            raise SerializationError(_NO_NUMPY)
         return numpy.globals[(module, name)]
     raise _Refusal(f"{module}.{name}"[:200], "")
+
+
+_NO_NUMPY = "it holds numpy values but numpy is not installed here"
 
 
 class _PersistentId(Exception):
@@ -492,9 +498,10 @@ class _NumpyUnpickler(pickle._Unpickler):
     """The pure-Python unpickler with the allow-list including numpy, rebuilding dtypes at
     BUILD instead of trusting ``dtype.__setstate__`` with the worker's state."""
 
-    def __init__(self, file: io.BytesIO, numpy: _Numpy) -> None:
-        super().__init__(file)
+    def __init__(self, data: bytes, numpy: _Numpy) -> None:
+        super().__init__(io.BytesIO(data))
         self._np = numpy
+        self._size = len(data)
         self.memo = _Memo(numpy.np.dtype)
 
     def find_class(self, module: str, name: str) -> Any:
@@ -522,8 +529,19 @@ class _NumpyUnpickler(pickle._Unpickler):
         stack[-1] = rebuilt
         self.memo.replace(inst, rebuilt)
 
+    def _load_bytearray8(self) -> None:
+        # The pure-Python original allocates (and zeroes) the announced size before reading.
+        (size,) = struct.unpack("<Q", self.read(8))
+        if size > self._size:
+            raise pickle.UnpicklingError("pickle data was truncated")
+        data = self.read(size)
+        if len(data) != size:
+            raise pickle.UnpicklingError("pickle data was truncated")
+        self.append(bytearray(data))
+
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = _load_build
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
 
 
 # --- after decoding: depth, and no stand-in left as a value ---
@@ -553,13 +571,24 @@ def _children(obj: object, numpy: _Numpy | None) -> Iterable[Any] | None:
     return None
 
 
+# Values that are never containers, skipped quickly by the walk below.
+_LEAF_TYPES = frozenset(
+    {int, float, str, bytes, bool, type(None), complex, bytearray, range, decimal.Decimal}
+    | {datetime.date, datetime.time, datetime.datetime, datetime.timedelta, datetime.timezone}
+)
+
+
 def _check_depth(value: object, numpy: _Numpy | None) -> None:
-    """Raise if containers nest more than MAX_DECODED_DEPTH deep (the longest chain, counting
-    shared values once each and ignoring cycles); also refuse stand-ins found as values."""
+    """Raise if containers nest more than MAX_DECODED_DEPTH deep; also refuse stand-ins found
+    as values. Depth is the longest chain of containers, each shared container walked once.
+    Cycles are legal (pickle makes them): a chain stops where it would repeat a container, and
+    a container's depth is measured from where the walk first met it."""
     root_children = _children(value, numpy)
     if root_children is None:
         return
-    heights: dict[int, int] = {}  # id -> height of a finished container
+    # id -> (height, the container): holding it keeps temporary containers (the item tuples of
+    # a structured object array) alive, so their ids are not reused during the walk.
+    heights: dict[int, tuple[int, object]] = {}
     active: set[int] = {id(value)}
     # Each frame: the container, an iterator over its children, the best child height so far.
     frames: list[list[Any]] = [[value, iter(root_children), 0]]
@@ -567,10 +596,12 @@ def _check_depth(value: object, numpy: _Numpy | None) -> None:
         frame = frames[-1]
         pushed = False
         for child in frame[1]:
+            if type(child) in _LEAF_TYPES:
+                continue
             child_id = id(child)
             done = heights.get(child_id)
             if done is not None:
-                frame[2] = max(frame[2], done)
+                frame[2] = max(frame[2], done[0])
                 continue
             if child_id in active:
                 continue  # a cycle: legal, and not deeper for it
@@ -591,7 +622,7 @@ def _check_depth(value: object, numpy: _Numpy | None) -> None:
         height = frame[2] + 1
         if height + len(frames) > MAX_DECODED_DEPTH:
             raise _TooDeep
-        heights[obj_id] = height
+        heights[obj_id] = (height, frame[0])
         if frames:
             frames[-1][2] = max(frames[-1][2], height)
 
@@ -606,9 +637,11 @@ def _decode(data: bytes) -> Any:
         value = _FastUnpickler(io.BytesIO(data), buffers=None).load()
     except _NumpyNeeded:
         numpy = _get_numpy()
-        if numpy is None:  # pragma: no cover - _resolve reports this first
-            raise SerializationError("numpy is not installed here") from None
-        value = _NumpyUnpickler(io.BytesIO(data), numpy).load()
+        if numpy is None:
+            raise SerializationError(
+                "it holds numpy values but numpy is not installed here"
+            ) from None
+        value = _NumpyUnpickler(data, numpy).load()
     _check_depth(value, numpy)
     return value
 
