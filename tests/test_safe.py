@@ -25,19 +25,16 @@ import cloudpickle
 import pytest
 
 from dcproto.errors import SerializationError, UnsafeResult
-from dcproto.trust import safe
-from dcproto.trust.safe import (
-    MAX_DECODED_DEPTH,
+from dcproto.trust import files, safe
+from dcproto.trust.files import (
     MAX_FILE_BYTES_PER_TASK,
     MAX_FILE_NAME,
     MAX_FILES_PER_TASK,
     MAX_NAME_COMPONENT,
     check_file_name,
     check_files,
-    loads_from_worker,
-    safe_loads,
-    trusted_loads,
 )
+from dcproto.trust.safe import MAX_DECODED_DEPTH, loads_from_worker, safe_loads, trusted_loads
 
 PROTOCOLS = [2, 3, 4, 5, "cloudpickle"]
 
@@ -631,4 +628,5 @@ def test_long_names_are_shown_truncated() -> None:
 
 
 def test_module_exports() -> None:
-    assert set(safe.__all__) >= {"safe_loads", "trusted_loads", "check_files", "check_file_name"}
+    assert set(safe.__all__) >= {"safe_loads", "trusted_loads", "loads_from_worker"}
+    assert set(files.__all__) >= {"check_files", "check_file_name"}

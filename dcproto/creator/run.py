@@ -36,7 +36,8 @@ from ..errors import (
     UnhashableItemError,
 )
 from ..pickling import PLAIN_TYPES
-from ..trust.safe import check_files, loads_from_worker, trusted_loads
+from ..trust.files import check_files
+from ..trust.safe import loads_from_worker, trusted_loads
 from .client import CreatorClient, get_client
 
 if TYPE_CHECKING:
