@@ -49,6 +49,7 @@ IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a token's name
 #: SQLite's signed 64-bit integers with room for any sum the server computes.
 MAX_INT = 2**53
 MAX_SLOTS = 1024  # tasks one worker runs at once
+MAX_PREFETCH_PER_SLOT = 32  # tasks a worker may hold per slot beyond the one it runs
 MAX_CREDIT = 1 << 16  # credit one message may grant
 MAX_TASKS_PER_FRAME = 4096
 MAX_TEXT = 4096  # names, reasons and messages

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,16 +18,22 @@ from hypothesis import strategies as st
 from dcproto import protocol as p
 from dcproto.options import DEFAULT_OPTIONS, normalize_options
 from dcproto.server.scheduler import (
+    DEFAULT_MAX_SLOTS,
+    MAX_HELD_PER_SLOT,
     MIN_WINDOW,
+    TASK_TIME_GRACE,
     TASK_TRANSITIONS,
     AbandonTasks,
     Action,
+    CreditExceeded,
+    Incident,
     Scheduler,
     SendProject,
     SendTask,
     StoreTasks,
     TaskState,
     ToCreator,
+    TooManyItems,
 )
 
 CREATOR = "creator-1"
@@ -149,9 +156,11 @@ def join(
     credit: int = 0,
     slots: int = 1,
     now: float = 0.0,
+    device: str | None = None,
 ) -> list[Action]:
+    """Worker ``worker_id`` joins (as device ``dev-<worker_id>`` unless told otherwise)."""
     actions = s.add_worker(
-        worker_id, device_id=f"dev-{worker_id}", name=worker_id, slots=slots, now=now
+        worker_id, device_id=device or f"dev-{worker_id}", name=worker_id, slots=slots, now=now
     )
     if credit:
         actions += s.worker_credit(worker_id, credit, now)
@@ -373,7 +382,7 @@ def test_two_workers_alternate_one_task_per_pass() -> None:
 def test_fairness_small_project_is_interleaved_with_a_big_one() -> None:
     s = Scheduler()
     new_project(s, "BIG")
-    add(s, "BIG", range(1000))
+    add(s, "BIG", range(30))
     new_project(s, "SMALL")
     add(s, "SMALL", range(10))
     order: list[str] = []
@@ -444,6 +453,8 @@ def test_end_then_last_result_finishes_done_with_stats() -> None:
         "items_kept": 1,
         "tasks_reissued": 0,
         "duplicates_dropped": 0,
+        "forged_results_dropped": 0,
+        "tasks_overdue": 0,
         "per_worker": {"A": 1, "B": 1},
     }
     assert s.projects["P"].status == "done"
@@ -544,7 +555,7 @@ def test_result_from_a_replacement_connection_wins() -> None:
     (old,) = sends(join(s, "A", credit=1))
     join(s, "B", credit=1)
     assert sent(s.remove_worker("A", 1.0)) == [("B", 1, 2)]
-    join(s, "A2", now=2.0)
+    join(s, "A2", now=2.0, device="dev-A")  # the same device, on a new connection
     actions = valid(s.task_result("A2", make_result(old.message), 3.0))
     assert abandons(actions) == {"B": [1]}
     assert one(actions, p.TaskDone).stats["worker"] == "A2"
@@ -1235,14 +1246,15 @@ def test_restore_takes_a_project_back_after_a_restart() -> None:
     actions = join(s, "A", credit=3, now=22.0)
     assert sent(actions) == [("A", 7, 1), ("A", 9, 1), ("A", 11, 1)]
     send_7, send_9, send_11 = sends(actions)
-    # a worker that ran task 9 before the restart reports it on its new connection: it wins
+    # a worker that ran task 9 before the restart reports it on its new connection: it holds
+    # no lease of this run, so its result is dropped and the task runs again
     join(s, "B", now=22.5)
     old = p.Task(task_id=9, project_id="P", attempt=2, items=b"items-5")
-    actions = valid(s.task_result("B", make_result(old), 23.0))
-    assert abandons(actions) == {"A": [9]}
-    assert one(actions, p.TaskDone).seq == 5
-    assert creator_msgs(answer(s, send_9, now=23.2, credit=0)) == []  # A's answer: too late
-    assert s.projects["P"].duplicates_dropped == 1
+    assert valid(s.task_result("B", make_result(old), 23.0)) == []
+    assert s.projects["P"].forged_results_dropped == 1
+    assert s.workers["A"].leased == {7, 9, 11}
+    assert one(answer(s, send_9, now=23.2, credit=0), p.TaskDone).seq == 5
+    assert s.projects["P"].duplicates_dropped == 0
     s.end_tasks(CREATOR, make_end("P", 7), 23.0)
     answer(s, send_7, now=24.0)
     finished = one(answer(s, send_11, now=25.0), p.Finished)
@@ -1310,12 +1322,12 @@ def test_add_tasks_reduces_credit_and_more_tops_the_window_up() -> None:
     assert len(sends(actions)) == 1
     assert creator_msgs(actions) == [p.More(project_id="P", credit=8, stored=10)]
     assert project.credit_outstanding == MIN_WINDOW - 2
-    # sending more than the credit clamps at zero
-    add(s, "P", range(10, 50))
+    # exactly the credit left may be sent
+    add(s, "P", range(10, 40))
     assert project.credit_outstanding == 0
-    s.end_tasks(CREATOR, make_end("P", 50), 2.0)
+    s.end_tasks(CREATOR, make_end("P", 40), 2.0)
     actions = s.worker_credit("A", 50, 3.0)
-    assert len(sends(actions)) == 42
+    assert len(sends(actions)) == 25  # A holds 8: one slot takes at most 33 in all
     assert creator_msgs(actions, p.More) == []  # no More after End
 
 
@@ -1466,6 +1478,482 @@ def test_stale_answer_does_not_drop_the_current_lease_on_expiry() -> None:
     assert s.tick(10.0) == [AbandonTasks("A", [1])]
 
 
+# ---- results only from leaseholders ------------------------------------------------------------
+
+
+def forged_send(worker_id: str, task_id: int, attempt: int = 1) -> SendTask:
+    """A Task as if sent to ``worker_id`` (which never got it): to forge its answer."""
+    return SendTask(worker_id, p.Task(task_id=task_id, project_id="P", attempt=attempt, items=b""))
+
+
+@pytest.mark.parametrize(
+    "outcome", ["ok", "stop", "error", "crash", "timeout", "load_error", "abandoned"]
+)
+def test_result_from_a_worker_that_never_held_the_task_is_dropped(outcome: str) -> None:
+    s = Scheduler()
+    new_project(s)
+    add(s, "P", range(2))
+    (send_a,) = sends(join(s, "A", credit=1))
+    join(s, "M")
+    actions = answer(s, forged_send("M", 1), outcome, credit=1, error={"message": "forged"})
+    # only M's own credit counts (it takes the queued task 2); task 1 and the project are
+    # untouched: no take-back, no failure, no stop, no rejection
+    assert sent(actions) == [("M", 2, 1)]
+    assert creator_msgs(actions) == [] and abandons(actions) == {}
+    task = s.tasks[1]
+    assert (task.state, task.worker_id, task.attempt) == (TaskState.LEASED, "A", 1)
+    assert (task.failures, task.failed_on, task.holders) == (0, set(), ("dev-A",))
+    assert s.workers["A"].leased == {1}
+    project = s.projects["P"]
+    assert project.status == "running"
+    assert (project.tasks_done, project.tasks_reissued, project.duplicates_dropped) == (0, 0, 0)
+    assert project.rejected_by == set()
+    assert project.forged_results_dropped == s.forged_results_dropped == 1
+    assert s.take_incidents() == [Incident("M", "M", "forged_results", 1)]
+    assert s.take_incidents() == []
+    # the holder's answer is taken as usual
+    assert one(answer(s, send_a, now=2.0), p.TaskDone).stats["worker"] == "A"
+
+
+def test_forged_results_for_every_task_id_leave_the_project_exact() -> None:
+    s = Scheduler()
+    new_project(s)
+    add(s, "P", range(4))
+    (send,) = sends(join(s, "A", credit=1))
+    actions = answer(s, send, now=1.0, credit=1)
+    assert one(actions, p.TaskDone).seq == 0
+    (send,) = sends(actions)  # task 2
+    join(s, "M", now=1.5)
+    for task_id in range(1, 201):
+        for outcome in ("ok", "stop", "error"):
+            assert answer(s, forged_send("M", task_id), outcome, now=2.0, credit=0) == []
+    project = s.projects["P"]
+    # task 1 finished, 2 leased to A, 3 and 4 queued: dropped and counted; the other ids were
+    # never issued: dropped
+    assert project.forged_results_dropped == s.forged_results_dropped == 4 * 3
+    assert s.take_incidents() == [Incident("M", "M", "forged_results", 12)]
+    assert (project.duplicates_dropped, project.tasks_done, project.status) == (0, 1, "running")
+    assert list(project.queue) == [3, 4]
+    s.end_tasks(CREATOR, make_end("P", 4), 3.0)
+    seqs = [0]
+    while True:
+        actions = answer(s, send, now=4.0, credit=1)
+        seqs.append(one(actions, p.TaskDone).seq)
+        if creator_msgs(actions, p.Finished):
+            break
+        (send,) = sends(actions)
+    finished = one(actions, p.Finished)
+    assert finished.status == "done"
+    assert seqs == [0, 1, 2, 3]
+    assert finished.stats["tasks_done"] == 4
+    assert finished.stats["forged_results_dropped"] == 12
+    assert finished.stats["per_worker"] == {"A": 4}
+
+
+def test_an_earlier_leaseholder_still_wins_after_a_reissue_but_nobody_else() -> None:
+    s, old = expired_setup()  # A's lease of task 1 expired; B has no credit yet
+    (send_b,) = sends(s.worker_credit("B", 1, 3.5))
+    assert s.tasks[1].holders == ("dev-A", "dev-B")
+    join(s, "C", now=3.6)
+    forged = SendTask("C", old.message)
+    assert answer(s, forged, now=3.7, credit=0) == []
+    assert (s.tasks[1].worker_id, s.tasks[1].attempt) == ("B", 2)
+    actions = answer(s, old, now=4.0, credit=0)
+    assert abandons(actions) == {"B": [1]}
+    assert one(actions, p.TaskDone).stats["worker"] == "A"
+    # too late: from B, a leaseholder, a duplicate; from C, forged
+    assert answer(s, send_b, now=4.5, credit=0) == []
+    assert answer(s, forged, now=4.6, credit=0) == []
+    project = s.projects["P"]
+    assert (project.duplicates_dropped, project.forged_results_dropped) == (1, 2)
+    assert project.tasks_done == 1
+
+
+def test_a_reconnected_worker_delivers_under_its_device_id_only() -> None:
+    s = Scheduler()
+    new_project(s)
+    add(s, "P", [0])
+    (old,) = sends(join(s, "A", credit=1))
+    s.remove_worker("A", 1.0)  # task 1 is queued again
+    join(s, "X", now=1.5)  # another device
+    assert answer(s, SendTask("X", old.message), now=2.0, credit=0) == []
+    assert s.projects["P"].forged_results_dropped == 1
+    assert list(s.projects["P"].queue) == [1]
+    join(s, "A2", now=2.5, device="dev-A")  # A again, on a new connection
+    actions = answer(s, SendTask("A2", old.message), now=3.0, credit=0)
+    assert one(actions, p.TaskDone).stats["worker"] == "A2"
+    assert s.projects["P"].tasks_done == 1
+
+
+# ---- what a worker may claim: slots and credit -------------------------------------------------
+
+
+def test_slots_are_capped_by_max_slots() -> None:
+    assert Scheduler().max_slots == DEFAULT_MAX_SLOTS == 256
+    s = Scheduler(max_slots=8)
+    join(s, "BIG", slots=p.MAX_SLOTS)
+    join(s, "ZERO", slots=0)
+    join(s, "TWO", slots=2)
+    assert [s.workers[w].slots for w in ("BIG", "ZERO", "TWO")] == [8, 1, 2]
+    assert s._total_slots == 11
+    s.remove_worker("BIG", 1.0)
+    assert s._total_slots == 3
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_slots": 0},
+        {"max_slots": p.MAX_SLOTS + 1},
+        {"max_slots": 2.0},
+        {"max_task_time": 0},
+        {"max_task_time": -1.0},
+        {"max_task_time": math.inf},
+        {"max_task_time": math.nan},
+        {"max_task_time": "60"},
+    ],
+)
+def test_scheduler_limits_out_of_range_raise(limits: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Scheduler(**limits)
+
+
+def test_worker_credit_beyond_what_its_slots_can_hold_is_ignored() -> None:
+    s = Scheduler()
+    join(s, "A", slots=2)
+    cap = 2 * MAX_HELD_PER_SLOT
+    for _ in range(100):
+        assert s.worker_credit("A", p.MAX_CREDIT, 0.0) == []
+    worker = s.workers["A"]
+    assert worker.credit == cap
+    assert worker.capacity == s._total_capacity == cap
+    new_project(s)
+    tasks = sends(add(s, "P", range(100)))
+    assert len(tasks) == cap
+    assert (worker.credit, len(worker.leased)) == (0, cap)
+    # an answer's credit replaces the task it answers, in full; anything above is ignored
+    assert sent(answer(s, tasks[0], credit=1)) == [("A", cap + 1, 1)]
+    assert sent(answer(s, tasks[1], credit=p.MAX_CREDIT)) == [("A", cap + 2, 1)]
+    assert (worker.credit, len(worker.leased)) == (0, cap)
+    assert s._total_capacity == cap
+    assert s.worker_credit("A", 1, 2.0) == []
+    assert worker.credit == 0
+
+
+class HonestWorker:
+    """The credit accounting of ``dcproto.worker.worker.Worker``: it asks for up to ``slots +
+    prefetch`` tasks held in all, ``prefetch`` at most ``MAX_PREFETCH_PER_SLOT`` per slot, and
+    an answer hands back the credit of the task it answers."""
+
+    def __init__(self, s: Scheduler, worker_id: str, slots: int) -> None:
+        self.s, self.worker_id, self.slots = s, worker_id, slots
+        self.prefetch = slots * p.MAX_PREFETCH_PER_SLOT
+        self.held: list[p.Task] = []
+        self.unused = 0
+
+    def want(self) -> int:
+        return max(0, self.slots + self.prefetch - len(self.held) - self.unused)
+
+    def take(self, actions: list[Action]) -> list[Action]:
+        for action in actions:
+            if isinstance(action, SendTask) and action.worker_id == self.worker_id:
+                self.held.append(action.message)
+                self.unused = max(0, self.unused - 1)
+        return actions
+
+    def grant(self, now: float) -> list[Action]:
+        """Credit up to what it wants; the caller hands the actions to ``take``."""
+        credit = self.want()
+        self.unused += credit
+        return self.s.worker_credit(self.worker_id, credit, now)
+
+    def answer(self, now: float) -> list[Action]:
+        """Answer its oldest task; the caller hands the actions to ``take``."""
+        task = self.held.pop(0)
+        credit = self.want()  # as in Worker._reply: the task has left
+        self.unused += credit
+        return self.s.task_result(self.worker_id, make_result(task, credit=credit), now)
+
+    def check(self) -> None:
+        """The server holds exactly what the worker thinks it holds: no credit was cut."""
+        record = self.s.workers[self.worker_id]
+        assert record.credit + len(record.leased) == len(self.held) + self.unused
+
+
+def test_an_honest_worker_never_has_credit_ignored() -> None:
+    s = Scheduler()
+    workers = [HonestWorker(s, "A", 1), HonestWorker(s, "B", 3)]
+    for worker in workers:
+        s.add_worker(
+            worker.worker_id, device_id=worker.worker_id, name="w", slots=worker.slots, now=0
+        )
+        worker.take(worker.grant(0.0))
+    new_project(s)
+    total = 500
+    fed = 0
+    actions: list[Action] = []
+    for step in range(4 * total):
+        credit = s.projects["P"].credit_outstanding
+        if fed < total and credit:
+            count = min(credit, total - fed)
+            actions = valid(s.add_tasks(CREATOR, make_tasks("P", range(fed, fed + count)), 1.0))
+            fed += count
+            if fed == total:
+                actions += s.end_tasks(CREATOR, make_end("P", total), 1.0)
+            for worker in workers:
+                worker.take(actions)
+        busy = [w for w in workers if w.held]
+        if not busy:
+            break
+        actions = busy[step % len(busy)].answer(1.0 + step)
+        for worker in workers:
+            worker.take(actions)
+            worker.check()
+    assert s.projects.get("P") is None or s.projects["P"].status == "done"
+    assert one(actions, p.Finished).stats["tasks_done"] == total
+
+
+# ---- what a creator may send: credit -----------------------------------------------------------
+
+
+def test_a_creator_may_send_exactly_its_credit_and_not_one_new_task_more() -> None:
+    assert issubclass(CreditExceeded, ValueError) and CreditExceeded.code == "credit_exceeded"
+    s = Scheduler()
+    new_project(s)  # no worker: the INITIAL_CREDIT that came with the Submit, no more
+    project = s.projects["P"]
+    assert project.credit_outstanding == p.INITIAL_CREDIT
+    add(s, "P", range(p.INITIAL_CREDIT - 1))
+    before = (project.tasks_received, project.items_received, project.credit_outstanding)
+    with pytest.raises(CreditExceeded, match="2 new tasks sent with credit for 1"):
+        s.add_tasks(CREATOR, make_tasks("P", [31, 32]), 1.0)
+    # refused before anything changed
+    assert (project.tasks_received, project.items_received, project.credit_outstanding) == before
+    assert len(s.tasks) == p.INITIAL_CREDIT - 1 and s.last_task_id == p.INITIAL_CREDIT - 1
+    assert list(project.queue) == list(range(1, p.INITIAL_CREDIT))
+    assert s._actions == []
+    add(s, "P", [31])  # exactly the credit left
+    assert project.credit_outstanding == 0
+    # resends of stored seqs are free, however many and with no credit left...
+    assert valid(s.add_tasks(CREATOR, make_tasks("P", range(32)), 2.0)) == []
+    # ...but a new task among them is not
+    with pytest.raises(CreditExceeded, match="1 new tasks sent with credit for 0"):
+        s.add_tasks(CREATOR, make_tasks("P", [30, 31, 32]), 2.0)
+    assert project.tasks_received == 32
+    # credit granted by More is usable to the last task, resends alongside still free
+    more = one(join(s, "A", slots=20), p.More)
+    assert more.credit == project.credit_outstanding == 80 - 32
+    actions = valid(s.add_tasks(CREATOR, make_tasks("P", range(20, 32 + more.credit)), 3.0))
+    assert len(stored(actions)[0][1]) == more.credit
+    assert project.credit_outstanding == 0
+
+
+def test_a_project_may_not_pass_max_int_items() -> None:
+    s = Scheduler()
+    new_project(s)
+    huge = p.Tasks(project_id="P", tasks=[[0, b"a", p.MAX_INT], [1, b"b", 1]])
+    with pytest.raises(TooManyItems):
+        s.add_tasks(CREATOR, huge, 0.0)
+    assert TooManyItems.code == "too_many_items"
+    project = s.projects["P"]
+    assert (project.tasks_received, project.items_received) == (0, 0)
+    s.add_tasks(CREATOR, p.Tasks(project_id="P", tasks=[[0, b"a", p.MAX_INT]]), 0.0)
+    assert project.items_received == p.MAX_INT
+
+
+def test_counts_of_worker_claimed_items_saturate() -> None:
+    s = Scheduler()
+    new_project(s)
+    add(s, "P", range(3))
+    s.end_tasks(CREATOR, make_end("P", 3), 0.0)
+    task_sends = sends(join(s, "A", credit=3))
+    for send in task_sends:
+        actions = answer(s, send, n_items=p.MAX_INT, n_kept=p.MAX_INT)
+    finished = one(actions, p.Finished)  # valid(): encodable
+    assert finished.stats["items_done"] == finished.stats["items_kept"] == p.MAX_INT
+
+
+class HonestCreator:
+    """The credit accounting of ``dcproto.creator.run.ProjectRun``: ``INITIAL_CREDIT`` tasks
+    may follow the Submit at once; Accepted, More and Attached add credit; every task sent
+    that the server has not stored takes one, a resend after a re-attach too."""
+
+    def __init__(self, s: Scheduler, total: int) -> None:
+        self.s, self.total = s, total
+        self.creator = CREATOR
+        self.credit = 0
+        self.next_seq = 0
+        self.unstored: list[int] = []
+        self.resend: list[int] = []
+        self.connected = True
+        self.lose_next_frame = False
+
+    def send(self, seqs: list[int], now: float) -> list[Action]:
+        self.credit -= len(seqs)
+        assert self.credit >= 0
+        if self.lose_next_frame:  # sent, but the connection drops before it arrives
+            self.lose_next_frame = False
+            return []
+        return self.s.add_tasks(self.creator, make_tasks("P", seqs), now)
+
+    def feed(self, now: float) -> list[Action]:
+        if not self.connected:
+            return []
+        if self.resend:
+            seqs, self.resend = self.resend[: self.credit], self.resend[self.credit :]
+        else:
+            count = min(self.credit, self.total - self.next_seq)
+            seqs = list(range(self.next_seq, self.next_seq + count))
+            self.next_seq += count
+        self.unstored += [seq for seq in seqs if seq not in self.unstored]
+        return self.read(self.send(seqs, now), now) if seqs else []
+
+    def read(self, actions: list[Action], now: float) -> list[Action]:
+        out = list(valid(actions))
+        for action in actions:
+            if isinstance(action, ToCreator) and action.creator_id == self.creator:
+                message = action.message
+                if isinstance(message, p.Accepted | p.More | p.Attached):
+                    self.credit += message.credit
+                if isinstance(message, p.More | p.Attached):
+                    self.unstored = [seq for seq in self.unstored if seq >= message.stored]
+                if isinstance(message, p.Attached):
+                    self.resend = list(self.unstored)
+        return out + self.feed(now)
+
+
+def test_an_honest_creator_never_exceeds_its_credit() -> None:
+    """The first tasks right behind the Submit, credit from More, and resends after a re-attach
+    (a frame lost in the disconnect) within the Attached credit: never refused."""
+    s = Scheduler()
+    creator = HonestCreator(s, total=400)
+    creator.credit = p.INITIAL_CREDIT
+    submitted = s.submit(CREATOR, make_submit(), 0.0)
+    creator.feed(0.0)  # the first tasks leave before the Accepted is read
+    creator.read(submitted, 0.0)
+    assert creator.next_seq == p.INITIAL_CREDIT
+    worker = HonestWorker(s, "A", 2)
+    s.add_worker("A", device_id="A", name="A", slots=2, now=0.0)
+    worker.take(creator.read(worker.grant(0.0), 0.0))
+    now = 1.0
+
+    def work_until(done: Callable[[], bool]) -> None:
+        nonlocal now
+        while not done():
+            assert worker.held, "stalled"
+            now += 1.0
+            worker.take(creator.read(worker.answer(now), now))
+
+    # the next frame the creator sends is lost as its connection drops
+    creator.lose_next_frame = True
+    work_until(lambda: not creator.lose_next_frame)
+    lost = len(creator.unstored)
+    assert lost > 0
+    creator.connected = False
+    creator.credit = 0
+    s.remove_creator(CREATOR, now)
+    creator.creator = OTHER_CREATOR
+    creator.connected = True
+    worker.take(creator.read(s.attach(OTHER_CREATOR, 1, "P", now), now))
+    work_until(lambda: s.projects["P"].tasks_received == creator.total)
+    assert creator.next_seq == creator.total and creator.resend == []
+    s.end_tasks(creator.creator, make_end("P", creator.total), now)
+    actions: list[Action] = []
+    while worker.held:
+        now += 1.0
+        actions = worker.take(worker.answer(now))
+    assert one(actions, p.Finished).stats["tasks_done"] == creator.total
+
+
+# ---- time limits on a task ---------------------------------------------------------------------
+
+
+def test_a_task_held_past_its_time_limit_is_reissued_whatever_the_heartbeats() -> None:
+    s = Scheduler()
+    new_project(s, task_timeout=1, lease_timeout=30)
+    add(s, "P", range(3))
+    (send_a,) = sends(join(s, "A", credit=1))
+    limit = 1 + TASK_TIME_GRACE
+    assert s.tasks[1].run_deadline == limit
+    assert s.next_deadline() == limit  # earlier than the lease's 30 s
+    for second in range(1, int(limit) + 1):
+        assert s.worker_seen("A", float(second)) == []
+        assert s.tick(float(second)) == []
+    join(s, "B", now=limit)
+    assert s.tick(limit + 0.5) == [AbandonTasks("A", [1])]
+    project = s.projects["P"]
+    assert (project.tasks_overdue, project.tasks_reissued, s.tasks_overdue) == (1, 1, 1)
+    assert s.tasks[1].failures == 0  # not a failed attempt
+    assert s.take_incidents() == [Incident("A", "A", "overdue_tasks", 1)]
+    assert s.workers["A"].overdue
+    assert s.next_deadline() is None
+    # heartbeats and credit do not bring it back
+    assert s.worker_seen("A", limit + 1) == []
+    assert s.worker_credit("A", 2, limit + 1) == []
+    (send_b,) = sends(s.worker_credit("B", 1, limit + 1.5))
+    assert (send_b.worker_id, send_b.message.task_id, send_b.message.attempt) == ("B", 1, 2)
+    # an answer to a task it held does
+    actions = answer(s, send_a, "abandoned", now=limit + 2, credit=0, payload=b"")
+    assert sent(actions) == [("A", 2, 1), ("A", 3, 1)]
+    assert not s.workers["A"].overdue
+    assert one(answer(s, send_b, now=limit + 3), p.TaskDone).stats["worker"] == "B"
+    assert one(s.cancel(CREATOR, "P", limit + 4), p.Finished).stats["tasks_overdue"] == 1
+
+
+def test_a_task_waiting_behind_another_starts_its_clock_when_a_slot_frees() -> None:
+    s = Scheduler()
+    new_project(s, task_timeout=10, lease_timeout=1000)
+    add(s, "P", range(3))
+    first, _, _ = sends(join(s, "A", credit=3, slots=2))
+    limit = 10 + TASK_TIME_GRACE
+    assert [s.tasks[t].run_deadline for t in (1, 2, 3)] == [limit, limit, None]
+    assert s.workers["A"].waiting == {3: None}
+    answer(s, first, now=12.0, credit=0)
+    assert s.tasks[3].run_deadline == 12.0 + limit
+    assert s.workers["A"].waiting == {}
+    assert s.next_deadline() == limit
+    # the second is overdue: none of A's tasks stays with it, the waiting one included
+    actions = s.tick(limit + 1)
+    assert actions == [AbandonTasks("A", [2, 3])]
+    assert s.projects["P"].tasks_overdue == 1
+    assert s.projects["P"].tasks_reissued == 2
+    assert s.workers["A"].leased == set() and s.workers["A"].waiting == {}
+
+
+def test_max_task_time_bounds_every_project() -> None:
+    s = Scheduler(max_task_time=100)
+    new_project(s, "NONE", lease_timeout=1000)
+    new_project(s, "LONG", task_timeout=500, lease_timeout=1000)
+    assert s.projects["NONE"].task_time_limit == 100
+    # the workers are told 100 s: their own kill ends the task first, as a counted timeout
+    assert s.projects["LONG"].options["task_timeout"] == 100
+    assert s.projects["LONG"].message.options["task_timeout"] == 100
+    assert s.projects["LONG"].task_time_limit == 100 + TASK_TIME_GRACE
+    add(s, "NONE", [0])
+    join(s, "A", credit=1)
+    for second in range(10, 101, 10):
+        assert s.worker_seen("A", float(second)) == []
+        assert s.tick(float(second)) == []
+    assert s.tick(100.5) == [AbandonTasks("A", [1])]
+    assert s.projects["NONE"].tasks_overdue == 1
+
+
+def test_incidents_add_up_per_worker_and_kind_until_taken() -> None:
+    s = Scheduler()
+    new_project(s)
+    add(s, "P", range(2))
+    join(s, "M")
+    join(s, "N")
+    for _ in range(3):
+        answer(s, forged_send("M", 1), credit=0)
+    answer(s, forged_send("N", 2), credit=0)
+    assert s.take_incidents() == [
+        Incident("M", "M", "forged_results", 3),
+        Incident("N", "N", "forged_results", 1),
+    ]
+    assert s.take_incidents() == []
+    assert s.forged_results_dropped == 4
+
+
 # ---- property test -----------------------------------------------------------------------------
 
 N_WORKERS = 4  # worker 0 never leaves, never rejects and only ever answers "ok"
@@ -1512,7 +2000,8 @@ class Sim:
         self.sent: dict[tuple[int, int], tuple[str, int]] = {}  # (task, attempt) -> (name, seq)
         self.ok_answers: set[tuple[int, int]] = set()  # (task, attempt) answered "ok"
         self.ended = False
-        submit = make_submit(lease_timeout=2, max_attempts=10**6)
+        # task_time_limit 1 + TASK_TIME_GRACE: some runs tick past it, some workers go overdue
+        submit = make_submit(lease_timeout=2, max_attempts=10**6, task_timeout=1)
         self.apply(self.s.submit(CREATOR, submit, 0))
 
     def apply(self, actions: list[Action]) -> None:
@@ -1554,9 +2043,17 @@ class Sim:
             for task_id in worker.leased:
                 assert s.tasks[task_id].state is TaskState.LEASED
                 assert s.tasks[task_id].worker_id == worker.worker_id
+                assert worker.device_id in s.tasks[task_id].holders
+                started = s.tasks[task_id].run_deadline is not None
+                assert started == (task_id not in worker.waiting)
+            assert worker.waiting.keys() <= worker.leased
+            running = len(worker.leased) - len(worker.waiting)
+            assert running <= worker.slots
+            assert running == worker.slots or not worker.waiting
+            assert worker.credit + len(worker.leased) <= worker.slots * MAX_HELD_PER_SLOT
         for worker_id in s._ready:
             assert s.workers[worker_id].credit > 0
-            assert not s.workers[worker_id].suspect
+            assert not s.workers[worker_id].blocked
         project = s.projects["P"]
         queued = [*project.queue, *project.retries]
         assert len(queued) == len(set(queued))
@@ -1578,7 +2075,9 @@ class Sim:
         self.held[worker_id] = self.orphans.pop(index, [])
         self.names[worker_id] = f"w{index}"
         self.apply(
-            self.s.add_worker(worker_id, device_id="d", name=f"w{index}", slots=slots, now=self.now)
+            self.s.add_worker(
+                worker_id, device_id=f"d{index}", name=f"w{index}", slots=slots, now=self.now
+            )
         )
 
     def leave(self, index: int) -> None:

@@ -2,8 +2,10 @@
 
 Tasks are sliced from the iterator only while the server grants credit, and kept until the
 server says they are stored (``More.stored``), so a reconnect can resend exactly the ones it
-lost. Results are de-duplicated by task seq, so a replay after re-attaching counts nothing
-twice.
+lost. Every task sent that the server has not stored takes a unit of credit, a resend too: the
+server closes a creator that sends more new tasks than its credit (see
+``scheduler.CreditExceeded``), so resends wait for credit like new tasks. Results are
+de-duplicated by task seq, so a replay after re-attaching counts nothing twice.
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ class ProjectRun:
         self.credit = 0
         self._credit_event = asyncio.Event()
         self._unstored: collections.deque[list[Any]] = collections.deque()
+        # unstored tasks lost in a disconnect, to send again (as credit allows) before any new
+        # one; and whether End must follow them
+        self._resend: collections.deque[list[Any]] = collections.deque()
+        self._end_unsent = False
         self._feeder: asyncio.Task[None] | None = None
         self._next_seq = 0
         self._skip_items = 0  # items already on the server when resuming from another process
@@ -160,8 +166,8 @@ class ProjectRun:
         if attached.status == "forbidden":
             self._forget_listener()
             raise PermissionDenied(
-                f"project {project_id} belongs to another creator: only its owner or an admin "
-                "may attach to it, fetch, cancel or release it"
+                f"project {project_id} is not one of yours (or does not exist): only its owner "
+                "or an admin may attach to it, fetch, cancel or release it"
             )
         if attached.status == "released":
             self._forget_listener()
@@ -204,8 +210,8 @@ class ProjectRun:
         limit = self.client.proto.max_frame - FRAME_OVERHEAD
         pending: list[Any] | None = None  # a task that did not fit in the last frame
         while not self.finished:
-            while self.credit <= 0 and not self.finished:
-                self._credit_event.clear()
+            while (self.credit <= 0 or self._resend) and not self.finished:
+                self._credit_event.clear()  # resends go first: _send_resends wakes us after
                 await self._credit_event.wait()
             if self.finished:
                 return
@@ -261,14 +267,17 @@ class ProjectRun:
             await self.client.drain()
             await asyncio.sleep(0)
 
-    def _send_tasks(self, batch: list[list[Any]]) -> None:
-        """Send ``batch`` (and End once the iterator is exhausted). While disconnected nothing
-        is lost: unstored tasks and End are sent again on re-attach."""
+    def _send_tasks(self, batch: list[list[Any]], *, end: bool | None = None) -> None:
+        """Send ``batch`` (and End once the iterator is exhausted, unless ``end`` says
+        otherwise). While disconnected nothing is lost: unstored tasks and End are sent again
+        on re-attach."""
         assert self.client is not None and self.project_id is not None
+        if end is None:
+            end = self.total_tasks is not None
         with contextlib.suppress(ConnectionFailed):
             if batch:
                 self.client.send(p.Tasks(project_id=self.project_id, tasks=batch))
-            if self.total_tasks is not None:
+            if end and self.total_tasks is not None:
                 self.client.send(
                     p.End(
                         project_id=self.project_id,
@@ -280,6 +289,35 @@ class ProjectRun:
     def _stored(self, stored: int) -> None:
         while self._unstored and self._unstored[0][0] < stored:
             self._unstored.popleft()
+        while self._resend and self._resend[0][0] < stored:
+            self._resend.popleft()
+
+    def _send_resends(self) -> None:
+        """Send again, within credit and frame limits, the tasks lost in a disconnect; then
+        End if it was lost too, and let the feeder go on."""
+        if self.finished or self.client is None:
+            return
+        limit = self.client.proto.max_frame - FRAME_OVERHEAD
+        while self._resend and self.credit > 0:
+            batch: list[list[Any]] = []
+            size = 0
+            while self._resend and len(batch) < min(self.credit, MAX_TASKS_PER_FRAME):
+                if batch and size + len(self._resend[0][1]) > limit:
+                    break
+                batch.append(self._resend.popleft())
+                size += len(batch[-1][1])
+            self.credit -= len(batch)
+            try:
+                self._send_tasks(batch, end=False)
+            except LocalProtocolError as exc:  # each went out once: should not happen
+                self._fail_locally(SerializationError(f"tasks cannot be sent: {exc}"))
+                return
+        if self._resend:
+            return  # the rest waits for More
+        if self._end_unsent:
+            self._end_unsent = False
+            self._send_tasks([], end=True)
+        self._credit_event.set()
 
     def _fail_locally(self, error: DcprotoError) -> None:
         """The creator side failed (iterator, pickling): cancel on the server, then fail."""
@@ -303,17 +341,17 @@ class ProjectRun:
             attached = await self.client.attach(self.project_id)
         except ConnectionFailed:
             return  # disconnected again; the next reconnect tries again
-        if attached.status == "unknown" and not self.accepted:
+        if attached.status in ("unknown", "forbidden") and not self.accepted:
             # the Submit never made it to the server's disk: submit again, with every task
             # sent so far (none can have been stored without the Submit)
             log.info(
                 "project %s was not stored before the reconnect; submitting again", self.handle.name
             )
-            resend = list(self._unstored)
             self._submit()
-            self.credit = p.INITIAL_CREDIT - len(resend)
-            self._send_tasks(resend)
-            self._credit_event.set()
+            self.credit = p.INITIAL_CREDIT
+            self._resend = collections.deque(self._unstored)
+            self._end_unsent = self.total_tasks is not None
+            self._send_resends()
             return
         if attached.status in ("unknown", "released", "forbidden"):
             self._finish(
@@ -323,13 +361,17 @@ class ProjectRun:
         if attached.status != "running":
             return  # the replay and Finished follow
         self._stored(attached.stored)
-        resend = list(self._unstored)
-        self.credit = attached.credit - len(resend)
+        # +=: credit was 0 since the disconnect, and a More may have come right behind
+        # Attached, before this coroutine resumed
+        self.credit += attached.credit
         if attached.ended:
             return
-        log.info("project %s re-attached; resending %d tasks", self.handle.name, len(resend))
-        self._send_tasks(resend)
-        self._credit_event.set()
+        log.info(
+            "project %s re-attached; resending %d tasks", self.handle.name, len(self._unstored)
+        )
+        self._resend = collections.deque(self._unstored)
+        self._end_unsent = self.total_tasks is not None
+        self._send_resends()
 
     def on_lost(self, error: ConnectionFailed) -> None:
         self._finish(error=error)
@@ -350,10 +392,12 @@ class ProjectRun:
             case p.Accepted():
                 self.accepted = True
                 self.credit += message.credit
+                self._send_resends()
                 self._credit_event.set()
             case p.More():
                 self._stored(message.stored)
                 self.credit += message.credit
+                self._send_resends()
                 self._credit_event.set()
             case p.TaskDone():
                 self._task_done(message)

@@ -10,13 +10,39 @@ here touches a socket or reads a clock: time is always the ``now`` argument.
 A task's life (see ``TASK_TRANSITIONS``): it is *queued* when the creator sends it, *leased* when
 pushed to a worker with credit, and then *done* on its first valid result, or back to *queued*
 when its worker disconnects, its lease expires (no sign of life from the worker for
-``lease_timeout`` seconds), the worker rejects the project, or its child process crashed or timed
-out -- the last two count as failed attempts, capped by ``max_attempts``, after which the
-project fails with the reason. Every send carries an attempt number. The first ok, stop or
-error result for a task wins, whichever attempt it answers (a worker that came back after its
-lease expired, or after a server restart, still delivers), and whoever holds the task then is
-told to abandon it; crashes, timeouts and abandons count only for the current attempt; results
-for a finished task are late duplicates and are dropped.
+``lease_timeout`` seconds), the worker holds it past its time limit (see below), the worker
+rejects the project, or its child process crashed or timed out -- the last two count as failed
+attempts, capped by ``max_attempts``, after which the project fails with the reason. Every send
+carries an attempt number. The first ok, stop or error result from a leaseholder wins, whichever
+attempt it answers (a worker that came back after its lease expired, or on a new connection,
+still delivers), and whoever holds the task then is told to abandon it; crashes, timeouts and
+abandons count only for the current attempt; results for a finished task are late duplicates and
+are dropped.
+
+Only a worker that holds or held the task may answer it. Each task keeps the device ids it was
+leased to, in any attempt (a device id survives a reconnect and is bound to the token that got
+it, so nobody else can claim it). A result from any other worker is dropped and counted -- per
+project (``forged_results_dropped``) and per worker, for the server's log -- and touches nothing:
+no take-back, no failure, no stop. After a server restart the restored tasks have no
+leaseholders yet, so a result computed before the restart is dropped too and the task simply
+runs again.
+
+What clients say is bounded here too. A worker's slots are capped at ``max_slots``, and the
+tasks it holds plus its unused credit at ``slots * (1 + MAX_PREFETCH_PER_SLOT)``: credit beyond
+that is ignored (an honest worker never asks for more). A creator may send only as many new
+tasks (seq >= ``tasks_received``) as it holds credit for; a frame with more raises
+:class:`CreditExceeded` before anything changes, and the server closes that connection. Resends
+of stored seqs are free. Counts that sum client integers saturate at ``protocol.MAX_INT``.
+
+Liveness is not progress. A worker is modelled as running its tasks in the order they were sent,
+``slots`` at a time: a task *starts* when it is leased to a worker with a free slot, or when one
+of the worker's earlier tasks leaves it. From then on it must be answered within the project's
+``task_timeout`` plus ``TASK_TIME_GRACE`` (the worker's own kill and the answer's way back), or
+within ``max_task_time`` when it has none (a longer task_timeout is cut to ``max_task_time``),
+however often the worker heartbeats. A worker that misses that is *overdue*: every task it holds
+is re-issued as if its lease had expired (it is told to abandon them), uncounted as a failure;
+the overdue ones are counted (``tasks_overdue``), and the worker gets no new task until it
+answers one it holds.
 
 Workers are served one task per pass in turn, and each pass takes projects in rotation, so
 several projects share the workers fairly whatever their sizes. Creators stream tasks under a
@@ -26,6 +52,7 @@ credit window so the server never holds more than a bounded number of queued tas
 from __future__ import annotations
 
 import enum
+import math
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +83,34 @@ TASK_TRANSITIONS: dict[tuple[TaskState, str], TaskState] = {
 }
 
 MIN_WINDOW = p.INITIAL_CREDIT  # queued tasks per project accepted even with no worker yet
+DEFAULT_MAX_SLOTS = 256  # slots one worker is credited with, whatever it announces
+DEFAULT_MAX_TASK_TIME = 24 * 3600.0  # seconds a started task may stay unanswered
+TASK_TIME_GRACE = 5.0  # seconds past task_timeout for the worker's kill and its answer
+MAX_HELD_PER_SLOT = 1 + p.MAX_PREFETCH_PER_SLOT  # tasks + unused credit per slot
+
+
+class TasksRefused(ValueError):
+    """A creator's Tasks frame that the server does not take: nothing was changed, and the
+    server closes that creator's connection with an Error of code ``code``."""
+
+    code = "tasks_refused"
+
+
+class CreditExceeded(TasksRefused):
+    """More new tasks than the creator holds credit for."""
+
+    code = "credit_exceeded"
+
+
+class TooManyItems(TasksRefused):
+    """The project's item count would pass ``protocol.MAX_INT``."""
+
+    code = "too_many_items"
+
+
+def _saturating_add(a: int, b: int) -> int:
+    """``a + b``, but at most ``protocol.MAX_INT``: it stays storable and encodable."""
+    return min(p.MAX_INT, a + b)
 
 
 # ---- actions: what the I/O layer must do ----------------------------------------------------
@@ -101,6 +156,19 @@ class ToCreator:
 Action = SendProject | SendTask | AbandonTasks | StoreTasks | ToCreator
 
 
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """Something a worker did wrong ``count`` times since the last report, for the server's
+    log (see :meth:`Scheduler.take_incidents`). ``kind`` is ``forged_results`` (results for
+    tasks it does not hold, dropped) or ``overdue_tasks`` (tasks held past their time limit,
+    re-issued)."""
+
+    worker_id: str
+    name: str
+    kind: str
+    count: int
+
+
 # ---- records ---------------------------------------------------------------------------------
 
 
@@ -117,6 +185,8 @@ class TaskRecord:
     failed_on: set[str] = field(default_factory=set)
     worker_id: str | None = None
     sent: list[float] = field(default_factory=list)  # when each attempt was sent
+    holders: tuple[str, ...] = ()  # device ids it was leased to, in any attempt
+    run_deadline: float | None = None  # the current attempt has started: answer by then
 
     @property
     def sent_at(self) -> float:
@@ -145,6 +215,9 @@ class ProjectRecord:
     items_kept: int = 0
     tasks_reissued: int = 0
     duplicates_dropped: int = 0
+    forged_results_dropped: int = 0  # results from workers that never held the task
+    tasks_overdue: int = 0  # started tasks not answered within task_time_limit
+    task_time_limit: float = math.inf  # seconds a started task may stay unanswered
     rejected_by: set[str] = field(default_factory=set)
     per_worker: Counter[str] = field(default_factory=Counter)
     first_started_at: float | None = None
@@ -164,20 +237,51 @@ class WorkerRecord:
     last_seen: float
     credit: int = 0
     leased: set[int] = field(default_factory=set)
+    # leased tasks not started yet (all slots busy), in the order they were sent
+    waiting: dict[int, None] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)
     suspect: bool = False  # a lease expired: no new tasks until the worker shows life
+    overdue: bool = False  # held a task too long: no new tasks until it answers one
     capacity: int = 0  # the most tasks it has held or been able to take at once
+
+    @property
+    def blocked(self) -> bool:
+        return self.suspect or self.overdue
 
 
 class Scheduler:
     """All of the server's scheduling state. Every event method returns the actions to run."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        max_slots: int = DEFAULT_MAX_SLOTS,
+        max_task_time: float = DEFAULT_MAX_TASK_TIME,
+    ) -> None:
+        """``max_slots``: the most slots a worker is credited with (1 .. protocol.MAX_SLOTS);
+        ``max_task_time``: seconds a started task may stay unanswered, whatever its project's
+        task_timeout. Raises ValueError for values out of range."""
+        if type(max_slots) is not int or not 1 <= max_slots <= p.MAX_SLOTS:
+            raise ValueError(f"max_slots must be an integer in 1..{p.MAX_SLOTS}")
+        if (
+            type(max_task_time) not in (int, float)
+            or not math.isfinite(max_task_time)
+            or max_task_time <= 0
+        ):
+            raise ValueError("max_task_time must be a positive number of seconds")
+        self.max_slots = max_slots
+        self.max_task_time = float(max_task_time)
         self.projects: dict[str, ProjectRecord] = {}
         self.tasks: dict[int, TaskRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
-        # finished tasks of live projects, so late duplicates can still be recognised
-        self._finished_tasks: dict[int, str] = {}
+        # finished tasks of live projects -> (project, leaseholders), so that late duplicates
+        # are still recognised, and told apart from forged results
+        self._finished_tasks: dict[int, tuple[str, tuple[str, ...]]] = {}
+        # server-wide counts, and what the server has not logged yet: (worker, kind) -> Incident
+        self.forged_results_dropped = 0
+        self.tasks_overdue = 0
+        self._incidents: dict[tuple[str, str], Incident] = {}
+        self._freed: set[str] = set()  # workers that may start a waiting task
         self._ready: OrderedDict[str, None] = OrderedDict()  # workers with credit > 0
         self._active: deque[str] = deque()  # running projects with queued tasks, in turn
         self._next_task_id = 1
@@ -190,8 +294,10 @@ class Scheduler:
     def add_worker(
         self, worker_id: str, *, device_id: str, name: str, slots: int, now: float
     ) -> list[Action]:
+        """A worker joined. ``slots`` is taken as 1 .. ``max_slots`` whatever it says."""
         if worker_id in self.workers:
             raise ValueError(f"worker {worker_id} is already connected")
+        slots = max(1, min(slots, self.max_slots))
         self.workers[worker_id] = WorkerRecord(worker_id, device_id, name, slots, now)
         self._total_slots += slots
         for project in self.projects.values():
@@ -211,9 +317,15 @@ class Scheduler:
         return self._flush(now)
 
     def _revive(self, worker: WorkerRecord) -> None:
-        """A sign of life from a suspect worker: it may take tasks again."""
+        """A sign of life from a suspect worker: it may take tasks again (unless overdue)."""
         worker.suspect = False
-        if worker.credit > 0:
+        if worker.credit > 0 and not worker.overdue:
+            self._ready[worker.worker_id] = None
+
+    def _answered(self, worker: WorkerRecord) -> None:
+        """An answer to a task it holds or held: an overdue worker may take tasks again."""
+        worker.overdue = False
+        if worker.credit > 0 and not worker.suspect:
             self._ready[worker.worker_id] = None
 
     def worker_credit(self, worker_id: str, credit: int, now: float) -> list[Action]:
@@ -234,6 +346,7 @@ class Scheduler:
         for task_id in list(worker.leased):
             self._requeue(self.tasks[task_id], reissue=True)
         worker.leased.clear()
+        worker.waiting.clear()
         for project in list(self.projects.values()):
             self._check_runnable(project, now)
         return self._flush(now)
@@ -256,31 +369,51 @@ class Scheduler:
         return self._flush(now)
 
     def task_result(self, worker_id: str, result: p.Result, now: float) -> list[Action]:
-        """A task attempt's outcome. The first ok, stop or error result for a task wins, even
+        """A task attempt's outcome. Only a worker the task was leased to (by device id, in any
+        attempt) may answer it: anything else is dropped and counted, and changes nothing but
+        the sender's credit. The first ok, stop or error result from a leaseholder wins, even
         from an earlier attempt (a worker that came back); failures and abandons count only
         for the current attempt; anything else is a late duplicate and is dropped."""
         worker = self.workers[worker_id]
         worker.last_seen = now
         self._revive(worker)
+        self._take_result(worker, result, now)
+        # only now, with the answered task off its lease: the credit handed back replaces it
         self._add_credit(worker, result.credit)
+        return self._flush(now)
+
+    def _take_result(self, worker: WorkerRecord, result: p.Result, now: float) -> None:
         task = self.tasks.get(result.task_id)
         if task is None:
-            project = self.projects.get(self._finished_tasks.get(result.task_id, ""))
-            if project is not None and result.outcome != "abandoned":
+            finished = self._finished_tasks.get(result.task_id)
+            if finished is None:
+                return  # an id never issued, or of a forgotten project: nothing to tell
+            project_id, holders = finished
+            project = self.projects[project_id]  # _forget drops its finished tasks
+            if worker.device_id not in holders:
+                self._drop_forged(worker, project)
+                return
+            self._answered(worker)
+            if result.outcome != "abandoned":
                 project.duplicates_dropped += 1
-            return self._flush(now)
+            return
+        project = self.projects[task.project_id]
+        if worker.device_id not in task.holders:
+            self._drop_forged(worker, project)
+            return
+        self._answered(worker)
+        worker_id = worker.worker_id
         current = (
             task.state is TaskState.LEASED
             and task.worker_id == worker_id
             and task.attempt == result.attempt
         )
         if current:
-            worker.leased.discard(task.task_id)
+            self._unlease(worker, task.task_id)
         elif result.outcome in ("ok", "stop", "error"):
             self._take_back(task)
         else:
-            return self._flush(now)
-        project = self.projects[task.project_id]
+            return
         outcome = result.outcome
         if outcome == "ok":
             self._complete(project, task, worker, result, now)
@@ -314,7 +447,24 @@ class Scheduler:
                 self._finish(project, "failed", now, error=error)
             else:
                 self._requeue(task, reissue=True, retry=True)
-        return self._flush(now)
+
+    def _drop_forged(self, worker: WorkerRecord, project: ProjectRecord) -> None:
+        """A result for a task this worker never held: count it, change nothing else."""
+        project.forged_results_dropped += 1
+        self.forged_results_dropped += 1
+        self._incident(worker, "forged_results")
+
+    def _incident(self, worker: WorkerRecord, kind: str, count: int = 1) -> None:
+        key = (worker.worker_id, kind)
+        known = self._incidents.get(key)
+        total = count if known is None else known.count + count
+        self._incidents[key] = Incident(worker.worker_id, worker.name, kind, total)
+
+    def take_incidents(self) -> list[Incident]:
+        """What workers did wrong since the last call (one Incident per worker and kind), for
+        the log; the server calls this at most once per logging interval."""
+        incidents, self._incidents = list(self._incidents.values()), {}
+        return incidents
 
     # ---- creators ----------------------------------------------------------------------------
 
@@ -347,6 +497,10 @@ class Scheduler:
         if project_id in self.projects:
             raise ValueError(f"project {project_id} exists")
         options = normalize_options(submit.options)
+        timeout = options["task_timeout"]
+        if timeout is not None and timeout > self.max_task_time:
+            # the worker's own limit then ends the task first, as a counted timeout
+            options["task_timeout"] = timeout = self.max_task_time
         message = p.Project(
             project_id=project_id,
             code=submit.code,
@@ -357,13 +511,29 @@ class Scheduler:
             options=options,
         )
         project = ProjectRecord(project_id, creator_id, submit.name, message, options, now)
+        # a worker kills a task at its task_timeout and says so: the grace is for that
+        project.task_time_limit = (
+            self.max_task_time if timeout is None else timeout + TASK_TIME_GRACE
+        )
         self.projects[project_id] = project
         return project
 
     def add_tasks(self, creator_id: str, message: p.Tasks, now: float) -> list[Action]:
+        """The creator's next tasks. Each new one (seq >= ``tasks_received``) takes a unit of
+        the creator's credit; resends of stored seqs are free. Raises :class:`CreditExceeded`
+        (or another :class:`TasksRefused`) before changing anything when the frame asks for
+        more than that: the caller closes the creator's connection."""
         project = self._own_project(creator_id, message.project_id)
         if project is None or project.status != "running":
             return self._flush(now)  # tasks racing a stop or cancel are simply dropped
+        new = [entry for entry in message.tasks if entry[0] >= project.tasks_received]
+        if len(new) > project.credit_outstanding:
+            raise CreditExceeded(
+                f"project {project.project_id}: {len(new)} new tasks sent with credit for "
+                f"{project.credit_outstanding}"
+            )
+        if project.items_received + sum(entry[2] for entry in new) > p.MAX_INT:
+            raise TooManyItems(f"project {project.project_id}: more than {p.MAX_INT} items in all")
         stored: list[tuple[int, int, bytes, int]] = []
         had_queued = project.has_queued()
         for seq, items, n_items in message.tasks:
@@ -380,7 +550,7 @@ class Scheduler:
             self._actions.append(StoreTasks(project.project_id, stored))
             if not had_queued:
                 self._active.append(project.project_id)
-        project.credit_outstanding = max(0, project.credit_outstanding - len(message.tasks))
+        project.credit_outstanding -= len(new)
         self._check_runnable(project, now)
         return self._flush(now)
 
@@ -397,6 +567,14 @@ class Scheduler:
         project = self._own_project(creator_id, project_id)
         if project is not None and project.status == "running":
             self._finish(project, "cancelled", now)
+        return self._flush(now)
+
+    def fail(self, project_id: str, error: dict[str, Any], now: float) -> list[Action]:
+        """End a running project as ``failed`` for a reason of the server's (a quota, a write
+        that could not be stored): Finished carries ``error``. No-op if it is not running."""
+        project = self.projects.get(project_id)
+        if project is not None and project.status == "running":
+            self._finish(project, "failed", now, error=error)
         return self._flush(now)
 
     def remove_creator(self, creator_id: str, now: float) -> list[Action]:
@@ -449,12 +627,15 @@ class Scheduler:
     ) -> list[Action]:
         """Take back a running project from durable state after a restart, with no creator
         attached. ``tasks`` are its unfinished (task_id, seq, items, n_items); ``done`` the
-        (tasks, items, kept) counts of its stored results."""
+        (tasks, items, kept) counts of its stored results. The tasks have no leaseholders:
+        a result a worker computed before the restart is dropped, and the task runs again."""
         project = self._register(None, project_id, submit, submitted_at)
         project.tasks_received = tasks_received
         project.items_received = items_received
         project.total_tasks = total_tasks
-        project.tasks_done, project.items_done, project.items_kept = done
+        project.tasks_done = done[0]
+        project.items_done = min(p.MAX_INT, done[1])
+        project.items_kept = min(p.MAX_INT, done[2])
         for task_id, seq, items, n_items in tasks:
             self.tasks[task_id] = TaskRecord(task_id, project_id, seq, items, n_items)
             project.queue.append(task_id)
@@ -482,27 +663,45 @@ class Scheduler:
     # ---- time --------------------------------------------------------------------------------
 
     def tick(self, now: float) -> list[Action]:
-        """Expire leases of workers not heard from within their projects' lease_timeout."""
+        """Expire leases of workers not heard from within their projects' lease_timeout, and
+        take every task back from a worker that left a started task unanswered past its
+        project's task_time_limit (heartbeats or not)."""
         for worker in list(self.workers.values()):
-            expired = [
+            overdue = [
                 task_id
                 for task_id in worker.leased
-                if now - max(worker.last_seen, self.tasks[task_id].sent_at)
-                > self.projects[self.tasks[task_id].project_id].options["lease_timeout"]
+                if (deadline := self.tasks[task_id].run_deadline) is not None and now > deadline
             ]
-            for task_id in expired:
-                worker.leased.discard(task_id)
+            if overdue:
+                # an honest worker kills a task at its time limit and answers: this one is
+                # stuck or stalling, so none of its tasks is left with it
+                lost = sorted(worker.leased)
+                for task_id in overdue:
+                    self.projects[self.tasks[task_id].project_id].tasks_overdue += 1
+                self.tasks_overdue += len(overdue)
+                self._incident(worker, "overdue_tasks", len(overdue))
+                worker.overdue = True
+            else:
+                lost = [
+                    task_id
+                    for task_id in worker.leased
+                    if now - max(worker.last_seen, self.tasks[task_id].sent_at)
+                    > self.projects[self.tasks[task_id].project_id].options["lease_timeout"]
+                ]
+                if lost:
+                    # the worker may be frozen, not dead: if it wakes it must drop these
+                    # tasks, and it gets no new ones until it shows a sign of life
+                    worker.suspect = True
+            for task_id in lost:
                 self._requeue(self.tasks[task_id], reissue=True)
-            if expired:
-                # the worker may be frozen, not dead: if it wakes it must drop these tasks,
-                # and it gets no new ones until it shows a sign of life
-                self._actions.append(AbandonTasks(worker.worker_id, expired))
-                worker.suspect = True
+            if lost:
+                self._actions.append(AbandonTasks(worker.worker_id, lost))
                 self._ready.pop(worker.worker_id, None)
         return self._flush(now)
 
     def next_deadline(self) -> float | None:
-        """When ``tick`` next has something to do, or None if no task is leased."""
+        """When ``tick`` next has something to do (a lease expiry or a started task's time
+        limit), or None if no task is leased."""
         deadline: float | None = None
         for worker in self.workers.values():
             for task_id in worker.leased:
@@ -511,6 +710,8 @@ class Scheduler:
                     max(worker.last_seen, task.sent_at)
                     + (self.projects[task.project_id].options["lease_timeout"])
                 )
+                if task.run_deadline is not None and task.run_deadline < expires:
+                    expires = task.run_deadline
                 if deadline is None or expires < deadline:
                     deadline = expires
         return deadline
@@ -524,13 +725,16 @@ class Scheduler:
         return project
 
     def _add_credit(self, worker: WorkerRecord, credit: int) -> None:
+        # tasks held plus unused credit stay within what the worker's slots can use: an
+        # honest worker never asks for more, and the rest is ignored
+        credit = min(credit, worker.slots * MAX_HELD_PER_SLOT - worker.credit - len(worker.leased))
         if credit > 0:
             worker.credit += credit
             held = worker.credit + len(worker.leased)
             if held > worker.capacity:
                 self._total_capacity += held - worker.capacity
                 worker.capacity = held
-            if not worker.suspect:
+            if not worker.blocked:
                 self._ready[worker.worker_id] = None
 
     def _window(self) -> int:
@@ -544,11 +748,31 @@ class Scheduler:
         total = max(4 * self._total_slots, 2 * self._total_capacity)
         return max(MIN_WINDOW, total // max(1, feeding))
 
+    def _unlease(self, worker: WorkerRecord, task_id: int) -> None:
+        """``task_id`` leaves ``worker``: if it was running, a waiting task starts in its slot
+        (at the end of this event, see ``_flush``)."""
+        worker.leased.discard(task_id)
+        worker.waiting.pop(task_id, None)
+        task = self.tasks.get(task_id)
+        if task is not None:
+            task.run_deadline = None
+        if worker.waiting:
+            self._freed.add(worker.worker_id)
+
+    def _start_waiting(self, worker: WorkerRecord, now: float) -> None:
+        """Start the worker's waiting tasks, oldest first, while it has free slots."""
+        while worker.waiting and len(worker.leased) - len(worker.waiting) < worker.slots:
+            task_id = next(iter(worker.waiting))
+            del worker.waiting[task_id]
+            task = self.tasks[task_id]
+            task.run_deadline = now + self.projects[task.project_id].task_time_limit
+
     def _requeue(self, task: TaskRecord, *, reissue: bool, retry: bool = False) -> None:
         project = self.projects[task.project_id]
         worker = self.workers.get(task.worker_id or "")
         if worker is not None:
-            worker.leased.discard(task.task_id)
+            self._unlease(worker, task.task_id)
+        task.run_deadline = None
         project.leased.discard(task.task_id)
         task.state = TaskState.QUEUED
         task.worker_id = None
@@ -576,8 +800,8 @@ class Scheduler:
         items = task.items  # travels back with the result: the creator maps values to items
         self._task_over(project, task, TaskState.DONE)
         project.tasks_done += 1
-        project.items_done += result.n_items
-        project.items_kept += result.n_kept
+        project.items_done = _saturating_add(project.items_done, result.n_items)
+        project.items_kept = _saturating_add(project.items_kept, result.n_kept)
         project.per_worker[worker.name] += 1
         if forward:
             stats = dict(result.stats)
@@ -607,7 +831,7 @@ class Scheduler:
         project.leased.discard(task.task_id)
         task.items = b""  # the payload is no longer needed; keep memory flat
         del self.tasks[task.task_id]
-        self._finished_tasks[task.task_id] = project.project_id
+        self._finished_tasks[task.task_id] = (project.project_id, task.holders)
 
     def _take_back(self, task: TaskRecord) -> None:
         """Withdraw a task from wherever it is (queue or another worker's lease), because a
@@ -616,7 +840,7 @@ class Scheduler:
         if task.state is TaskState.LEASED:
             holder = self.workers.get(task.worker_id or "")
             if holder is not None:
-                holder.leased.discard(task.task_id)
+                self._unlease(holder, task.task_id)
                 self._actions.append(AbandonTasks(holder.worker_id, [task.task_id]))
             project.leased.discard(task.task_id)
         else:
@@ -651,7 +875,7 @@ class Scheduler:
             task = self.tasks[task_id]
             worker = self.workers.get(task.worker_id or "")
             if worker is not None:
-                worker.leased.discard(task_id)
+                self._unlease(worker, task_id)
                 by_worker.setdefault(worker.worker_id, []).append(task_id)
         for worker_id, task_ids in by_worker.items():
             self._actions.append(AbandonTasks(worker_id, sorted(task_ids)))
@@ -676,7 +900,7 @@ class Scheduler:
     def _forget(self, project_id: str) -> None:
         self.projects.pop(project_id, None)
         self._finished_tasks = {
-            t: pid for t, pid in self._finished_tasks.items() if pid != project_id
+            t: done for t, done in self._finished_tasks.items() if done[0] != project_id
         }
         for worker in self.workers.values():
             worker.loaded.discard(project_id)
@@ -691,6 +915,8 @@ class Scheduler:
             "items_kept": project.items_kept,
             "tasks_reissued": project.tasks_reissued,
             "duplicates_dropped": project.duplicates_dropped,
+            "forged_results_dropped": project.forged_results_dropped,
+            "tasks_overdue": project.tasks_overdue,
             "per_worker": dict(project.per_worker),
         }
 
@@ -703,6 +929,7 @@ class Scheduler:
         text = f"no connected worker can run project {project.name!r}"
         if reason:
             text += f": {reason}"
+        text = text[: p.MAX_TEXT]  # a worker's reason may fill a Notice on its own
         if project.options["fail_when_unrunnable"]:
             error = {"reason": "unrunnable", "message": text}
             self._finish(project, "failed", now, error=error)
@@ -777,7 +1004,11 @@ class Scheduler:
         task.attempt += 1
         task.worker_id = worker.worker_id
         task.sent.append(now)
+        if worker.device_id not in task.holders:
+            task.holders += (worker.device_id,)
         worker.leased.add(task.task_id)
+        worker.waiting[task.task_id] = None
+        self._start_waiting(worker, now)
         worker.credit -= 1
         project.leased.add(task.task_id)
         if project.first_started_at is None:
@@ -811,6 +1042,11 @@ class Scheduler:
                 break
 
     def _flush(self, now: float) -> list[Action]:
+        freed, self._freed = self._freed, set()
+        for worker_id in freed:
+            worker = self.workers.get(worker_id)
+            if worker is not None:
+                self._start_waiting(worker, now)
         self._dispatch(now)
         self._grant_creators()
         actions, self._actions = self._actions, []

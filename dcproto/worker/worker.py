@@ -41,7 +41,8 @@ BACKOFF_CAP = 5.0
 MAX_CACHED_PROJECTS = 64
 MAX_OUTBOX = 10_000  # results kept for delivery while disconnected
 PREFETCH_SECONDS = 0.02  # work to hold per slot beyond the running task, when adapting
-MAX_PREFETCH_PER_SLOT = 32
+# the server ignores credit beyond slots * (1 + MAX_PREFETCH_PER_SLOT) held tasks
+MAX_PREFETCH_PER_SLOT = p.MAX_PREFETCH_PER_SLOT
 
 
 @dataclass(kw_only=True)
@@ -73,7 +74,11 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.slots = config.slots or default_slots()
-        self.prefetch = self.slots if config.prefetch is None else config.prefetch
+        self.prefetch = (
+            self.slots
+            if config.prefetch is None
+            else min(config.prefetch, self.slots * MAX_PREFETCH_PER_SLOT)
+        )
         self._task_seconds: float | None = None  # moving average of a task's execution time
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
         self.device_id = config.device_id
