@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -24,12 +25,20 @@ import msgpack
 
 from ..errors import DcprotoError
 
+log = logging.getLogger("dcproto.server.store")
+
 MAX_PENDING_WRITES = 1_000_000  # writes held in memory while the disk refuses them
 DB_FILE = "state.sqlite3"
 RESULTS_DIR = "results"  # in the state dir: one file of result payloads per project
 FILE_PAYLOAD_MIN = 4096  # payloads from this size on go to the project's results file
 MAX_OPEN_RESULT_FILES = 64
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
+RESULTS_PAGE_ROWS = 256  # results read from the database at a time
+RESULTS_PAGE_BYTES = 4 * 1024 * 1024  # and about this many bytes at most (one row at least)
+# SQLite's primary result codes (an error's code & 0xFF) that mean the disk or the database file
+# fails, whatever the row: BUSY, LOCKED, NOMEM, READONLY, INTERRUPT, IOERR, CORRUPT, FULL,
+# CANTOPEN, PROTOCOL, NOLFS, NOTADB. Writes failing with them are kept and retried.
+DISK_FAILURE_CODES = frozenset({5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 22, 26})
 
 # Each entry upgrades the schema by one version; the index + 1 is the version it produces.
 MIGRATIONS: list[str] = [
@@ -168,9 +177,12 @@ class Store:
                     path.stem for path in self._results_dir.iterdir() if path.suffix == ".bin"
                 }
         self._checkpointer: sqlite3.Connection | None = None
-        self._pending: list[tuple[str, Any]] = []
+        # queued writes: (statement, parameters, the project it is about or None)
+        self._pending: list[tuple[str, Any, str | None]] = []
         self.failed: str | None = None  # why the last commit failed, while it keeps failing
         self.lost_writes = 0  # writes given up after the disk failed for too long
+        self.dropped_writes = 0  # writes left out because they could not be stored at all
+        self._unstorable: set[str] = set()  # projects with writes dropped when queued
 
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
@@ -226,42 +238,123 @@ class Store:
 
     # ---- batched writes ------------------------------------------------------------------------
 
-    def _queue(self, sql: str, params: Any) -> None:
-        self._pending.append((sql, params))
+    def _queue(self, sql: str, params: Any, project_id: str | None = None) -> None:
+        self._pending.append((sql, params, project_id))
 
     def has_pending(self) -> bool:
         return bool(self._pending or self._file_writes or self._file_removals)
 
-    def commit(self) -> None:
+    def commit(self) -> set[str]:
         """Write everything queued: result payloads into their files, then the rows in one
-        transaction (a row never points at bytes not yet written). Raises StateError if the
-        disk fails; everything is then kept to be retried, file writes included (each goes to
-        a fixed offset, so writing it twice is harmless)."""
+        transaction (a row never points at bytes not yet written).
+
+        Two kinds of failure are told apart. When the disk or the database file fails (see
+        :func:`disk_failure`), nothing is written: everything is kept to be retried, file writes
+        included (each goes to a fixed offset, so writing it twice is harmless), and StateError
+        is raised. When a statement fails because of what it carries (a bad row: an integer
+        past 64 bits, a constraint, a value SQLite cannot bind), the batch is rolled back and
+        run again statement by statement in one transaction, leaving out only the statements
+        that fail on their own: every other write lands, whoever queued it. Returns the
+        projects whose writes were left out (normally none); each is logged."""
+        unstorable, self._unstorable = self._unstorable, set()
         if not self.has_pending():
-            return
+            return unstorable
         pending, self._pending = self._pending, []
         writes, self._file_writes = self._file_writes, []
+        dropped: list[int] = []
         try:
             for project_id, offset, payload in writes:
                 self._write_at(project_id, offset, payload)
-            self._db.execute("BEGIN")
-            for sql, params in _grouped(pending):
-                self._db.executemany(sql, params)
-            self._db.execute("COMMIT")
-        except (sqlite3.Error, OSError) as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            self.failed = str(exc)
+            try:
+                self._run_batch(pending)
+            except Exception as exc:
+                if disk_failure(exc):
+                    raise
+                dropped = self._run_isolated(pending)
+        except BaseException as exc:
+            self._unstorable |= unstorable
+            self.failed = str(exc) or type(exc).__name__
             if len(pending) + len(self._pending) <= MAX_PENDING_WRITES:
                 self._pending = pending + self._pending  # retried by the next commit
                 self._file_writes = writes + self._file_writes
             else:
                 self.lost_writes += len(pending)
-            raise StateError(f"cannot write the server state: {exc}") from exc
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt and the like: kept for a retry, and passed on
+            raise StateError(f"cannot write the server state: {self.failed}") from exc
         self.failed = None
         removals, self._file_removals = self._file_removals, []
         for project_id in removals:
             self._remove_file(project_id)
+        self.dropped_writes += len(dropped)
+        return unstorable | {
+            project for index in dropped if (project := pending[index][2]) is not None
+        }
+
+    def _packed(self, project_id: str, what: str, value: Any) -> bytes | None:
+        """``value`` packed; None if it cannot be (an int past 64 bits, say), logged and the
+        project reported by the next commit with those whose writes were left out: the store
+        does not rely on the protocol's ranges alone."""
+        try:
+            return _pack(value)
+        except (OverflowError, TypeError, ValueError) as exc:
+            log.error(
+                "dropped a write that cannot be stored (project %s): %s: %.200s; in: %s",
+                project_id,
+                type(exc).__name__,
+                str(exc),
+                what,
+            )
+            self._unstorable.add(project_id)
+            self.dropped_writes += 1
+            return None
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+
+    def _run_batch(self, pending: list[tuple[str, Any, str | None]]) -> None:
+        """The whole batch in one transaction, one executemany per run of equal statements.
+        Raises what fails, after rolling back."""
+        try:
+            self._db.execute("BEGIN")
+            for sql, params in _grouped(pending):
+                self._db.executemany(sql, params)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _run_isolated(self, pending: list[tuple[str, Any, str | None]]) -> list[int]:
+        """The batch again, statement by statement in one transaction, without the statements
+        that fail because of what they carry; returns their indices. A failing statement
+        changes nothing (SQLite backs out the statement, and an unbindable value never reaches
+        it). Raises a disk failure, after rolling back everything."""
+        dropped: list[int] = []
+        try:
+            self._db.execute("BEGIN")
+            for index, (sql, params, project_id) in enumerate(pending):
+                try:
+                    self._db.execute(sql, params)
+                except Exception as exc:
+                    # SQLite may have rolled the whole transaction back (e.g. disk full)
+                    if disk_failure(exc) or not self._db.in_transaction:
+                        raise
+                    dropped.append(index)
+                    log.error(
+                        "dropped a write that cannot be stored (project %s): %s: %.200s; "
+                        "statement: %.100s",
+                        project_id or "-",
+                        type(exc).__name__,
+                        str(exc),
+                        " ".join(sql.split()),
+                    )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return dropped
 
     # ---- results files -------------------------------------------------------------------------
 
@@ -349,10 +442,14 @@ class Store:
         spec: dict[str, Any],
         owner: str,
     ) -> None:
+        packed = self._packed(project_id, "the project's spec", spec)
+        if packed is None:
+            return
         self._queue(
             "INSERT INTO projects(project_id, name, creator_device, submitted_at, status, code, "
             "spec, owner) VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
-            (project_id, name, creator_device, time.time(), code, _pack(spec), owner),
+            (project_id, name, creator_device, time.time(), code, packed, owner),
+            project_id,
         )
 
     def tasks_added(self, project_id: str, tasks: list[tuple[int, int, bytes, int]]) -> None:
@@ -361,11 +458,13 @@ class Store:
             self._queue(
                 "INSERT INTO tasks(task_id, project_id, seq, items, n_items) VALUES (?,?,?,?,?)",
                 (task[0], project_id, task[1], task[2], task[3]),
+                project_id,
             )
         self._queue(
             "UPDATE projects SET tasks_received=tasks_received+?, items_received=items_received+? "
             "WHERE project_id=?",
             (len(tasks), sum(t[3] for t in tasks), project_id),
+            project_id,
         )
 
     def reserve_task_ids(self, ceiling: int) -> None:
@@ -382,58 +481,70 @@ class Store:
         self._queue(
             "UPDATE projects SET total_tasks=?, total_items=? WHERE project_id=?",
             (total_tasks, total_items, project_id),
+            project_id,
         )
 
-    def task_done(self, project_id: str, seq: int, message: dict[str, Any]) -> None:
-        """A task's accepted result (the TaskDone fields), kept until the creator releases it."""
+    def task_done(self, project_id: str, seq: int, message: dict[str, Any]) -> int:
+        """A task's accepted result (the TaskDone fields), kept until the creator releases it.
+        Returns the bytes it takes on disk, as :meth:`stored_result_bytes` counts them."""
         self._queue(
-            "UPDATE tasks SET done=1, items=NULL WHERE project_id=? AND seq=?", (project_id, seq)
+            "UPDATE tasks SET done=1, items=NULL WHERE project_id=? AND seq=?",
+            (project_id, seq),
+            project_id,
         )
         payload = message["payload"]
         if self._results_dir is None or len(payload) < FILE_PAYLOAD_MIN:
+            blob = self._packed(project_id, f"result {seq}", message)
+            if blob is None:
+                return 0
             self._queue(
                 "INSERT OR IGNORE INTO results(project_id, seq, message) VALUES (?, ?, ?)",
-                (project_id, seq, _pack(message)),
+                (project_id, seq, blob),
+                project_id,
             )
-            return
+            return len(blob)
         # a large payload is appended to the project's results file, not copied through
         # SQLite's log and then its database file
+        blob = self._packed(project_id, f"result {seq}", {**message, "payload": b""})
+        if blob is None:
+            return 0
         at = self._place(project_id, len(payload))
         self._file_writes.append((project_id, at, payload))
         self._queue(
             "INSERT OR IGNORE INTO results(project_id, seq, message, payload_at, payload_size, "
             "payload_crc) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                project_id,
-                seq,
-                _pack({**message, "payload": b""}),
-                at,
-                len(payload),
-                zlib.crc32(payload),
-            ),
+            (project_id, seq, blob, at, len(payload), zlib.crc32(payload)),
+            project_id,
         )
+        return len(blob) + len(payload)
 
     def project_finished(self, project_id: str, status: str, outcome: dict[str, Any]) -> None:
+        stats = outcome.get("stats", {})
+        packed = self._packed(project_id, "the project's outcome", outcome)
+        if packed is None:  # how it ended is still stored, without what cannot be
+            self._unstorable.discard(project_id)  # it has ended: there is nothing to fail
+            message = "the server could not store this project's outcome; see its log"
+            packed = _pack({"error": {"reason": "store_error", "message": message}, "stats": {}})
+            stats = {}
+        try:
+            stats_text = json.dumps(stats)
+        except (TypeError, ValueError):
+            stats_text = "{}"
         self._queue(
             "UPDATE projects SET status=?, finished_at=?, stats=?, outcome=? WHERE project_id=?",
-            (
-                status,
-                time.time(),
-                json.dumps(outcome.get("stats", {})),
-                _pack(outcome),
-                project_id,
-            ),
+            (status, time.time(), stats_text, packed, project_id),
+            project_id,
         )
-        self._queue("DELETE FROM tasks WHERE project_id=?", (project_id,))
+        self._queue("DELETE FROM tasks WHERE project_id=?", (project_id,), project_id)
 
     def project_released(self, project_id: str) -> None:
         """The creator has every result: they need not be kept any longer."""
-        self._queue("UPDATE projects SET released=1 WHERE project_id=?", (project_id,))
-        self._queue("DELETE FROM results WHERE project_id=?", (project_id,))
+        self._queue("UPDATE projects SET released=1 WHERE project_id=?", (project_id,), project_id)
+        self._queue("DELETE FROM results WHERE project_id=?", (project_id,), project_id)
         self._file_removals.append(project_id)
 
-    def prune(self, keep_finished: float, now: float | None = None) -> None:
-        """Forget projects finished more than ``keep_finished`` seconds ago."""
+    def prune(self, keep_finished: float, now: float | None = None) -> list[str]:
+        """Forget projects finished more than ``keep_finished`` seconds ago; returns them."""
         cutoff = (time.time() if now is None else now) - keep_finished
         old = [
             row[0]
@@ -443,10 +554,11 @@ class Store:
             )
         ]
         for project_id in old:
-            self._queue("DELETE FROM results WHERE project_id=?", (project_id,))
-            self._queue("DELETE FROM tasks WHERE project_id=?", (project_id,))
-            self._queue("DELETE FROM projects WHERE project_id=?", (project_id,))
+            self._queue("DELETE FROM results WHERE project_id=?", (project_id,), project_id)
+            self._queue("DELETE FROM tasks WHERE project_id=?", (project_id,), project_id)
+            self._queue("DELETE FROM projects WHERE project_id=?", (project_id,), project_id)
             self._file_removals.append(project_id)
+        return old
 
     # ---- reads ---------------------------------------------------------------------------------
 
@@ -478,21 +590,59 @@ class Store:
         return tasks, items, kept
 
     def results(self, project_id: str) -> Iterator[dict[str, Any]]:
-        """The project's stored results (TaskDone fields), by seq. A payload that cannot be
-        read back intact comes as None, with the reason under ``"damaged"``."""
-        rows = self._db.execute(
+        """The project's stored results (TaskDone fields), by seq, read a page at a time. A
+        payload that cannot be read back intact comes as None, with the reason under
+        ``"damaged"``."""
+        after = -1
+        while page := self.results_page(project_id, after):
+            yield from page
+            after = page[-1]["seq"]
+
+    def results_page(
+        self,
+        project_id: str,
+        after_seq: int,
+        max_rows: int = RESULTS_PAGE_ROWS,
+        max_bytes: int = RESULTS_PAGE_BYTES,
+    ) -> list[dict[str, Any]]:
+        """The project's next stored results after seq ``after_seq``, by seq: at most
+        ``max_rows``, and no more once ``max_bytes`` are read (at least one). Empty at the
+        end. Each is as :meth:`results` gives it, ``"seq"`` included."""
+        cursor = self._db.execute(
             "SELECT seq, message, payload_at, payload_size, payload_crc FROM results "
-            "WHERE project_id=? ORDER BY seq",
-            (project_id,),
+            "WHERE project_id=? AND seq>? ORDER BY seq LIMIT ?",
+            (project_id, after_seq, max_rows),
+        )
+        page: list[dict[str, Any]] = []
+        total = 0
+        try:
+            for seq, blob, at, size, crc in cursor:
+                message = _unpack(blob)
+                message["seq"] = seq
+                total += len(blob)
+                if at is not None:
+                    total += size
+                    try:
+                        message["payload"] = self._read_payload(project_id, seq, at, size, crc)
+                    except StateError as exc:
+                        message["payload"], message["damaged"] = None, str(exc)
+                page.append(message)
+                if total >= max_bytes:
+                    break
+        finally:
+            cursor.close()
+        return page
+
+    def stored_result_bytes(self) -> list[tuple[str, str, int]]:
+        """(project, owner, bytes) of every project whose stored results are not released;
+        the bytes as :meth:`task_done` counts them."""
+        rows = self._db.execute(
+            "SELECT r.project_id, coalesce(p.owner, ''), "
+            "sum(length(r.message) + coalesce(r.payload_size, 0)) "
+            "FROM results AS r JOIN projects AS p ON p.project_id = r.project_id "
+            "WHERE p.released = 0 GROUP BY r.project_id"
         ).fetchall()
-        for seq, blob, at, size, crc in rows:
-            message = _unpack(blob)
-            if at is not None:
-                try:
-                    message["payload"] = self._read_payload(project_id, seq, at, size, crc)
-                except StateError as exc:
-                    message["payload"], message["damaged"] = None, str(exc)
-            yield message
+        return [(row[0], row[1], int(row[2])) for row in rows]
 
     def max_task_id(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key='max_task_id'").fetchone()
@@ -542,11 +692,26 @@ def _project(row: tuple[Any, ...]) -> StoredProject:
     )
 
 
-def _grouped(pending: list[tuple[str, Any]]) -> Iterator[tuple[str, list[Any]]]:
+def disk_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a write, says the disk or the database file fails (True: keep
+    the writes and retry them later) rather than that the statement cannot be stored (False: a
+    bad row, e.g. OverflowError for an int past 64 bits, IntegrityError, InterfaceError)."""
+    if isinstance(exc, OSError | MemoryError):
+        return True
+    if not isinstance(exc, sqlite3.Error):
+        return False  # OverflowError, TypeError, ValueError...: raised binding the row
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in DISK_FAILURE_CODES
+    # raised by the sqlite3 module itself: a bad parameter, or a database it cannot use
+    return type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError, sqlite3.Error)
+
+
+def _grouped(pending: list[tuple[str, Any, str | None]]) -> Iterator[tuple[str, list[Any]]]:
     """Consecutive statements with the same SQL, as executemany batches (order kept)."""
     sql: str | None = None
     batch: list[Any] = []
-    for statement, params in pending:
+    for statement, params, _ in pending:
         if statement != sql and batch:
             assert sql is not None
             yield sql, batch
