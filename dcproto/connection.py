@@ -115,6 +115,11 @@ async def open_session(
 
     async def steps() -> p.Welcome:
         challenge = await next_message()
+        if isinstance(challenge, p.Error):  # e.g. slow_down: too many failed logins from here
+            raise ConnectionFailed(
+                f"the server at {where} refused the connection: {challenge.code}: "
+                f"{challenge.message}"
+            )
         if not isinstance(challenge, p.Challenge):
             raise ConnectionFailed(f"the server refused the connection: {challenge}")
         _, proof = make_proof(endpoint.token, nonce=challenge.nonce, role=role, channel=channel)
