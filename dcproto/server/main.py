@@ -6,17 +6,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
+import os
 import signal
 import socket
 import sys
 from pathlib import Path
 
+from .. import protocol as p
 from ..connection import install_uvloop
 from ..errors import DcprotoError
 from ..paths import default_state_dir
 from ..trust.tls import ServerIdentity, load_identity, load_or_create_identity
 from ..trust.tokens import ADMIN_TOKEN_FILE, TokenStore
 from . import statedir
+from .admission import DEFAULT_MAX_UNAUTHENTICATED, DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
+from .limits import (
+    DEFAULT_MAX_CODE_BYTES,
+    DEFAULT_MAX_PROJECTS_PER_CREATOR,
+    DEFAULT_MAX_STORED_RESULT_BYTES,
+)
+from .scheduler import DEFAULT_MAX_SLOTS, DEFAULT_MAX_TASK_TIME, MAX_HELD_PER_SLOT
 from .server import DEFAULT_HEARTBEAT, DEFAULT_HOST, DEFAULT_KEEP_FINISHED, DEFAULT_PORT, Server
 
 log = logging.getLogger("dcproto.server")
@@ -72,8 +82,134 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_KEEP_FINISHED,
         help="seconds a finished project's record and unfetched results are kept",
     )
+    parser.add_argument(
+        "--max-unauthenticated",
+        type=_positive_int,
+        default=DEFAULT_MAX_UNAUTHENTICATED,
+        help="connections not logged in yet (TLS handshake included) kept open at once; "
+        "past that the oldest of them is closed",
+    )
+    parser.add_argument(
+        "--max-unauthenticated-per-address",
+        type=_positive_int,
+        default=DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+        help="the same, from one address (an IPv6 /64 counts as one)",
+    )
+    # per-creator limits (a creator: the identity, i.e. the token's name, admins included);
+    # a project's name needs none here: the protocol caps it at 200 characters
+    parser.add_argument(
+        "--max-projects-per-creator",
+        type=_creator_limit,
+        default=DEFAULT_MAX_PROJECTS_PER_CREATOR,
+        help="running projects one creator may have at once; a Submit past it is refused "
+        "(0: no limit)",
+    )
+    parser.add_argument(
+        "--max-code-bytes",
+        type=_creator_limit,
+        default=DEFAULT_MAX_CODE_BYTES,
+        help="bytes of a project's pickled code; a larger Submit is refused (0: no limit)",
+    )
+    parser.add_argument(
+        "--max-stored-result-bytes",
+        type=_creator_limit,
+        default=DEFAULT_MAX_STORED_RESULT_BYTES,
+        help="bytes of results one creator may have stored on the server, not yet fetched and "
+        "released; a project whose result goes past it fails with reason 'quota', and Submits "
+        "are refused until results are released (0: no limit)",
+    )
+    # per-worker bounds, whatever the worker announces or does
+    parser.add_argument(
+        "--max-slots",
+        type=_slots,
+        default=DEFAULT_MAX_SLOTS,
+        help=f"slots one worker is credited with at most (1..{p.MAX_SLOTS}); it is given up to "
+        f"{MAX_HELD_PER_SLOT} tasks per slot",
+    )
+    parser.add_argument(
+        "--max-task-time",
+        type=_seconds,
+        default=DEFAULT_MAX_TASK_TIME,
+        metavar="SECONDS",
+        help="seconds a started task may stay unanswered, heartbeats or not, when its project "
+        "sets no shorter task_timeout; then it is re-issued",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return parser
+
+
+def _slots(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= p.MAX_SLOTS:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number in 1..{p.MAX_SLOTS}, not {text!r}"
+        )
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value
+
+
+def _creator_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number (0: no limit), not {text!r}")
+    return value
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft limit on open files (RLIMIT_NOFILE) to the hard one: the usual soft
+    1024 is few for a server that holds a socket per worker and creator. Never fails."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return
+    # an unlimited hard limit is not a valid soft one everywhere (Linux: nr_open; macOS:
+    # OPEN_MAX): try it, then smaller values
+    wanted = [hard] if hard != resource.RLIM_INFINITY else [hard, 1 << 20, 1 << 16, 10240]
+    for value in wanted:
+        if value != resource.RLIM_INFINITY and value <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (value, hard))
+        except (OSError, ValueError):
+            continue
+        soft = value
+        break
+    log.debug("open files limit: %s (hard: %s)", _limit(soft), _limit(hard))
+
+
+def _limit(value: int) -> str:
+    import resource
+
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
 
 
 def _identity(args: argparse.Namespace, state_dir: Path) -> ServerIdentity | None:
@@ -91,6 +227,8 @@ def _identity(args: argparse.Namespace, state_dir: Path) -> ServerIdentity | Non
 
 async def serve(args: argparse.Namespace) -> int:
     state_dir: Path = args.state_dir
+    # every file the server makes (database, WAL, keys, tokens) is private, whatever the umask
+    os.umask(0o077)
     lock = statedir.StateDirLock(state_dir)
     try:
         statedir.prepare(state_dir)
@@ -104,6 +242,13 @@ async def serve(args: argparse.Namespace) -> int:
             state_dir=None if args.memory else state_dir,
             heartbeat=args.heartbeat,
             keep_finished=args.keep_finished,
+            max_unauthenticated=args.max_unauthenticated,
+            max_unauthenticated_per_address=args.max_unauthenticated_per_address,
+            max_projects_per_creator=args.max_projects_per_creator,
+            max_code_bytes=args.max_code_bytes,
+            max_stored_result_bytes=args.max_stored_result_bytes,
+            max_slots=args.max_slots,
+            max_task_time=args.max_task_time,
         )
     except DcprotoError as exc:
         lock.release()
@@ -161,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning(
             "serving plain TCP on %s: tokens and data cross the network unprotected", args.host
         )
+    raise_open_file_limit()
     install_uvloop()
     return asyncio.run(serve(args))
 

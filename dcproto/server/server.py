@@ -8,10 +8,13 @@ except that messages reporting stored state wait for the next (group) commit.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
+import math
 import secrets
+import ssl
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +26,26 @@ from ..trust import permissions
 from ..trust.tls import ServerIdentity, channel_binding, server_context
 from ..trust.tokens import TokenRecord, TokenStore, verify_proof
 from . import scheduler as s
+from .admission import (
+    DEFAULT_MAX_UNAUTHENTICATED,
+    DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+    PER_ADDRESS,
+    Admission,
+    LogLimiter,
+    address_key,
+    peer_text,
+)
+from .limits import (
+    DEFAULT_MAX_CODE_BYTES,
+    DEFAULT_MAX_PROJECTS_PER_CREATOR,
+    DEFAULT_MAX_STORED_RESULT_BYTES,
+    Limits,
+    Usage,
+    past_quota,
+    quota_message,
+    submit_refusal,
+)
+from .replay import Replay, Replays, TooManyReplays
 from .store import StateError, Store
 
 log = logging.getLogger("dcproto.server")
@@ -30,12 +53,18 @@ log = logging.getLogger("dcproto.server")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_HEARTBEAT = 5.0
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # from accept to Hello, TLS included
+TLS_SHUTDOWN_TIMEOUT = 5.0  # a TLS close waits this long at most for the peer's close_notify
+MAX_EARLY_BYTES = p.HANDSHAKE_MAX_FRAME  # raw bytes held until the TLS layer takes over
 MIN_TIMER_INTERVAL = 0.02
 TOKEN_CHECK_INTERVAL = 0.5  # seconds between looks at the tokens file
-MAX_WRITE_BUFFER = 256 * 1024 * 1024  # a peer that stops reading is cut off past this
+# a peer that stops reading is cut off once this much (and one frame of the largest size on top)
+# waits for it, in the transport's buffer and held back behind a replay. Replays themselves are
+# streamed only while the transport's buffer is under its high-water mark (4 MiB)
+MAX_WRITE_BUFFER = 64 * 1024 * 1024
 DEFAULT_KEEP_FINISHED = 7 * 24 * 3600.0  # seconds a finished project's record is kept
 PRUNE_INTERVAL = 3600.0
+INCIDENT_LOG_INTERVAL = 10.0  # seconds between log lines about one worker's misdeeds
 TASK_ID_BLOCK = 1 << 16  # task ids reserved on disk at a time (see Server._flush)
 COMMIT_SPACING = 4.0  # a commit waits until this many times the last one's duration has passed
 MAX_COMMIT_DELAY = 0.001  # but never longer
@@ -48,49 +77,208 @@ COMMIT_FIRST = (p.Accepted, p.More, p.Attached, p.ProjectList)
 
 
 class ServerConnection(asyncio.Protocol):
-    """The I/O shell around one :class:`protocol.Connection`."""
+    """The I/O shell around one :class:`protocol.Connection`.
+
+    With a TLS identity, the connection is accepted as plain TCP and the TLS handshake is run
+    here (``loop.start_tls``) once the client's first bytes arrive: a socket that has not
+    finished TLS is one of ours, counted, capped and closed like any unauthenticated
+    connection, and costs no TLS state while it sends nothing. The Challenge goes out once TLS
+    is up (at once on plain TCP)."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.conn_id = f"c{next(server.connection_ids)}"
         self.proto = p.Connection("server", max_frame=server.max_frame)
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport | None = None  # set once TLS is up (or at once)
         self.nonce = secrets.token_bytes(32)
         self.device_id: str | None = None
         self.role: str | None = None
         self.identity: str | None = None  # the token's name, once authenticated
         self.token_role: str | None = None
         self.name = "?"
+        self.peer = "?"  # the peer's address key (admission.address_key): caps and slow-down
         self.last_received = time.monotonic()
         self.last_sent = self.last_received
         self.opened_at = self.last_received
         self.awaits_commit = False  # something queued may be sent only after the next commit
+        self.gone = False  # closed, and Server.lost has run
+        self._raw: asyncio.Transport | None = None  # the TCP transport (under TLS, if any)
+        self._early: bytearray | None = None  # raw bytes before the TLS layer takes over
+        self._plain = bytearray()  # decrypted bytes that came before our Challenge went out
+        self._tls: asyncio.Task[None] | None = None  # the TLS handshake, while it runs
+        self._refusal: asyncio.TimerHandle | None = None  # a failed login's delayed answer
+        self.replays = Replays()  # results to replay after Attach, streamed (Server._pump)
+        self.paused = False  # the transport's buffer is past its high-water mark
+        self.pump_scheduled = False
+
+    @property
+    def stage(self) -> str:
+        """Where an unauthenticated connection is, for log lines."""
+        if self.transport is None:
+            return "in the TLS handshake" if self._tls is not None else "nothing received"
+        if self.proto.state is p.State.AUTHENTICATING:
+            return "login refused"
+        return "no Hello yet"
+
+    @property
+    def closing(self) -> bool:
+        return (
+            self.gone
+            or self.proto.state is p.State.CLOSED
+            or (self.transport is not None and self.transport.is_closing())
+        )
 
     # asyncio callbacks -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._raw = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         transport.set_write_buffer_limits(high=4 * 1024 * 1024)
-        self.server.connections[self.conn_id] = self
-        self.send(
-            p.Challenge(
-                version=p.PROTOCOL_VERSION, nonce=self.nonce, max_frame=self.server.max_frame
-            )
-        )
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and peername:
+            self.peer = address_key(str(peername[0]))
+        self.server.opened(self)
+        if self.gone:
+            return
+        if self.server.tls_context is None:
+            self.transport = self._raw
+            self.server.greet(self)
+        else:
+            self._early = bytearray()
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            self._before_ready(data)
+            return
         self.last_received = time.monotonic()
         messages = self.proto.receive_data(data)
         for message in messages:
             self.server.handle(self, message)
         if self.proto.error is not None:
-            log.warning("closing %s (%s): %s", self.conn_id, self.name, self.proto.error)
+            self.server.refused(
+                self.peer,
+                "protocol_error",
+                "closing %s (%s) from %s: protocol error: %s",
+                self.conn_id,
+                peer_text(self.name, 60),
+                self.peer,
+                peer_text(self.proto.error, 120),
+            )
         self.server.mark_dirty(self)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._gone()
+
+    def pause_writing(self) -> None:
+        self.paused = True  # replays wait (the TLS layer's buffer counts too, if any)
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.server.pump_soon(self)
+
+    # the TLS handshake -------------------------------------------------------------------------
+
+    def _before_ready(self, data: bytes) -> None:
+        if self._early is not None:  # raw bytes: the first ones start the TLS handshake
+            self._early += data
+            if len(self._early) > MAX_EARLY_BYTES:
+                self.abort()
+            elif self._tls is None and self._raw is not None:
+                self._raw.pause_reading()
+                self._tls = asyncio.ensure_future(self._start_tls(self._raw))
+        else:  # decrypted, but our Challenge has not gone out yet: kept for after it
+            self._plain += data
+            if len(self._plain) > MAX_EARLY_BYTES:
+                self.abort()
+
+    async def _start_tls(self, raw: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        context = self.server.tls_context
+        assert context is not None and self._early is not None
+        early, self._early = bytes(self._early), None  # what we get from now on is decrypted
+        # start_tls gives the TLS layer the transport in its first step, below, and its own
+        # callbacks run after this one: the layer sees the bytes that reached us first
+        loop.call_soon(self._feed_tls, raw, early)
+        try:
+            # the liveness check closes a connection with no Hello after HANDSHAKE_TIMEOUT
+            # (with a log line saying so); this is only the backstop
+            transport = await loop.start_tls(
+                raw,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT + 1.0,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+            )
+        except asyncio.CancelledError:  # we closed it meanwhile (a cap, a timeout, stop)
+            self._tls = None
+            self.abort()
+            return
+        except Exception as exc:  # ssl.SSLError, OSError, TimeoutError...
+            self._tls = None
+            if not self.gone:
+                self.server.tls_failed(self, exc)
+            self.abort()
+            return
+        self._tls = None
+        if transport is None or self.gone or transport.is_closing():
+            self.abort()
+            return
+        self.transport = transport
+        transport.set_write_buffer_limits(high=4 * 1024 * 1024)
+        self.server.greet(self)
+        if self._plain:
+            data, self._plain = bytes(self._plain), bytearray()
+            self.data_received(data)
+
+    def _feed_tls(self, raw: asyncio.Transport, data: bytes) -> None:
+        """Hand the TLS layer the raw bytes that reached us before it took the transport
+        over (uvloop starts reading before a protocol could pause it)."""
+        layer: Any = raw.get_protocol()
+        if self.gone or not data or layer is self:
+            return
+        try:
+            if hasattr(layer, "get_buffer"):  # both loops' SSLProtocol: a BufferedProtocol
+                view = memoryview(data)
+                while view:
+                    buffer = layer.get_buffer(len(view))
+                    size = min(len(buffer), len(view))
+                    buffer[:size] = view[:size]
+                    layer.buffer_updated(size)
+                    view = view[size:]
+            else:
+                layer.data_received(data)
+        except Exception as exc:
+            self.server.tls_failed(self, exc)
+            self.abort()
+
+    def challenge(self) -> None:
+        self.send(
+            p.Challenge(
+                version=p.PROTOCOL_VERSION, nonce=self.nonce, max_frame=self.server.max_frame
+            )
+        )
+
+    # closing -----------------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Close at once, sending nothing more (a cap, a failed or stuck handshake)."""
+        if self._raw is not None:
+            self._raw.abort()
+        self._gone()
+
+    def _gone(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        if self._refusal is not None:
+            self._refusal.cancel()
+            self._refusal = None
+        if self._tls is not None:
+            task, self._tls = self._tls, None
+            task.cancel()
         self.server.lost(self)
 
     # sending -----------------------------------------------------------------------------------
@@ -114,16 +302,43 @@ class ServerConnection(asyncio.Protocol):
         if chunks:
             self.transport.writelines(chunks)
             self.last_sent = time.monotonic()
-            if self.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
-                log.warning("%s is not reading; closing it", self.conn_id)
-                self.transport.abort()
+            if self.over_buffer():
                 return
         if self.proto.state is p.State.CLOSED:
             self.transport.close()
+        elif len(self.replays) and not self.paused:
+            self.server.pump_soon(self)
+
+    def over_buffer(self) -> bool:
+        """Cut the peer off if too much waits for it (it is not reading); True if so."""
+        if self.transport is None:
+            return False
+        waiting = self.transport.get_write_buffer_size() + self.replays.held_bytes
+        if waiting <= MAX_WRITE_BUFFER + self.server.max_frame:
+            return False
+        log.warning("%s (%s) is not reading; closing it", self.conn_id, self.name)
+        self.replays.clear()
+        self.abort()
+        return True
 
     def close(self, code: str, message: str) -> None:
+        if self.transport is None:  # still before or in the TLS handshake: nothing to say in
+            self.abort()
+            return
         self.send(p.Error(code=code, message=message))
         self.server.mark_dirty(self)
+
+    def close_later(self, delay: float, code: str, message: str) -> None:
+        """Send the Error and close after ``delay`` seconds (a refused login from an address
+        that must slow down), without blocking the loop."""
+        if self._refusal is None and not self.closing:
+            self._refusal = asyncio.get_running_loop().call_later(
+                delay, self._close_now, code, message
+            )
+
+    def _close_now(self, code: str, message: str) -> None:
+        self._refusal = None
+        self.close(code, message)
 
 
 class Server:
@@ -136,9 +351,22 @@ class Server:
         heartbeat: float = DEFAULT_HEARTBEAT,
         max_frame: int = p.DEFAULT_MAX_FRAME,
         keep_finished: float = DEFAULT_KEEP_FINISHED,
+        max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED,
+        max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+        max_projects_per_creator: int = DEFAULT_MAX_PROJECTS_PER_CREATOR,
+        max_code_bytes: int = DEFAULT_MAX_CODE_BYTES,
+        max_stored_result_bytes: int = DEFAULT_MAX_STORED_RESULT_BYTES,
+        max_slots: int = s.DEFAULT_MAX_SLOTS,
+        max_task_time: float = s.DEFAULT_MAX_TASK_TIME,
     ) -> None:
         """``state_dir=None`` keeps project state in memory only (the embedded default).
-        ``identity=None`` serves plain TCP: only for loopback or an explicit ``--insecure``."""
+        ``identity=None`` serves plain TCP: only for loopback or an explicit ``--insecure``.
+        At most ``max_unauthenticated`` connections (``..._per_address`` from one address) may
+        be open without a successful Hello; past that the oldest of them is closed.
+        ``max_projects_per_creator``, ``max_code_bytes`` and ``max_stored_result_bytes`` are
+        the per-creator limits (see :mod:`.limits`; 0: no limit). ``max_slots`` caps the
+        slots a worker is credited with, ``max_task_time`` the seconds a started task may stay
+        unanswered (see :class:`.scheduler.Scheduler`)."""
         self.tokens = tokens
         self.identity = identity
         # what a client's proof is bound to: our certificate (nothing on plain TCP)
@@ -147,7 +375,16 @@ class Server:
         self.heartbeat = heartbeat
         self.max_frame = max_frame
         self.keep_finished = keep_finished
-        self.scheduler = s.Scheduler()
+        self.tls_context: ssl.SSLContext | None = None  # made by start()
+        # caps on connections not logged in yet, and slow-down of failed logins, per address
+        self.admission = Admission(
+            max_unauthenticated=max_unauthenticated,
+            max_per_address=max_unauthenticated_per_address,
+        )
+        self.refusals: collections.Counter[str] = collections.Counter()  # closes, by reason
+        self._refusal_log = LogLimiter()
+        self.scheduler = s.Scheduler(max_slots=max_slots, max_task_time=max_task_time)
+        self._last_incident_log = float("-inf")
         self.store = Store(state_dir)
         self._store_failing = False
         # accepted results and finished projects not committed yet (the disk may be failing):
@@ -156,6 +393,13 @@ class Server:
         self._unsaved_finished: dict[str, tuple[p.Finished, int, int]] = {}
         self._last_prune = float("-inf")
         self.owners: dict[str, str] = {}  # running project -> the identity that submitted it
+        self.limits = Limits(
+            max_projects_per_creator=max_projects_per_creator,
+            max_code_bytes=max_code_bytes,
+            max_stored_result_bytes=max_stored_result_bytes,
+        )
+        self.usage = Usage()  # per owner: running projects, stored result bytes (restored)
+        self._over_quota: set[str] = set()  # running projects to fail for the quota
         self.connections: dict[str, ServerConnection] = {}
         self.workers: dict[str, ServerConnection] = {}
         self.creators: dict[str, ServerConnection] = {}
@@ -179,14 +423,10 @@ class Server:
     async def start(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._restore()
-        context = None if self.identity is None else server_context(self.identity)
-        self._server = await loop.create_server(
-            lambda: ServerConnection(self),
-            host,
-            port,
-            ssl=context,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if context is not None else None,
-        )
+        # accepted as plain TCP: each ServerConnection runs its own TLS handshake (start_tls),
+        # so that connections still in it are counted and capped with the others
+        self.tls_context = None if self.identity is None else server_context(self.identity)
+        self._server = await loop.create_server(lambda: ServerConnection(self), host, port)
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
         self._timer = asyncio.create_task(self._run_timers())
@@ -206,6 +446,8 @@ class Server:
         for conn in list(self.connections.values()):
             if conn.transport is not None:
                 conn.transport.close()
+            else:  # still before or in the TLS handshake
+                conn.abort()
         await asyncio.sleep(0)
         if self._checkpoint is not None:
             await asyncio.wait({self._checkpoint}, timeout=30)
@@ -297,7 +539,7 @@ class Server:
 
     def _commit(self) -> None:
         try:
-            self.store.commit()
+            dropped = self.store.commit()
         except StateError as exc:
             # Keep serving from memory: projects still finish; the queued writes are retried
             # on every turn until the disk takes them again.
@@ -310,10 +552,28 @@ class Server:
             self._store_failing = False
             self._unsaved_results.clear()
             self._unsaved_finished.clear()
+            if dropped:
+                self._fail_dropped(dropped)
+
+    def _fail_dropped(self, projects: set[str]) -> None:
+        """Writes of these projects could not be stored at all and were left out (the store
+        logged each): fail those still running, with reason ``store_error``. Every other
+        project's writes of the same commit are on disk."""
+        now = time.monotonic()
+        for project_id in sorted(projects):
+            error = {
+                "reason": "store_error",
+                "message": "the server could not store part of this project (a value out of "
+                "range for its database); see the server's log",
+            }
+            self._run(self.scheduler.fail(project_id, error, now))
 
     def _restore(self) -> None:
-        """Take back the running projects of an earlier run from durable state."""
+        """Take back the running projects of an earlier run from durable state, and what each
+        owner holds (running projects, stored results) for the per-creator limits."""
         now = time.monotonic()
+        for project_id, owner, nbytes in self.store.stored_result_bytes():
+            self.usage.result_stored(project_id, nbytes, owner)
         self._task_id_ceiling = self.store.max_task_id()
         self.scheduler.reserve_task_ids(self._task_id_ceiling)
         for stored in self.store.running_projects():
@@ -329,6 +589,7 @@ class Server:
                 options=dict(spec.get("options", {})),
             )
             self.owners[stored.project_id] = stored.owner or ""
+            self.usage.started(stored.project_id, stored.owner or "")
             tasks = list(self.store.open_tasks(stored.project_id))
             actions = self.scheduler.restore(
                 stored.project_id,
@@ -347,6 +608,110 @@ class Server:
             )
         self._commit()
 
+    # admission: connections before they log in ------------------------------------------------
+
+    def opened(self, conn: ServerConnection) -> None:
+        """A connection was accepted: count it as unauthenticated, and close the oldest
+        unauthenticated ones past the caps (an honest client always gets its turn)."""
+        self.connections[conn.conn_id] = conn
+        now = time.monotonic()
+        for eviction in self.admission.opened(conn.conn_id, conn.peer):
+            victim = self.connections.get(eviction.conn_id)
+            if victim is None:
+                continue
+            flag = "--max-unauthenticated"
+            if eviction.cap == PER_ADDRESS:
+                flag += "-per-address"
+            self.refused(
+                eviction.address,
+                f"cap_{eviction.cap}",
+                "closing unauthenticated connection %s from %s (%s, open %.1f s): "
+                "%s cap of %d unauthenticated connections reached (%s)",
+                victim.conn_id,
+                eviction.address,
+                victim.stage,
+                now - victim.opened_at,
+                eviction.cap,
+                eviction.limit,
+                flag,
+            )
+            victim.abort()
+
+    def greet(self, conn: ServerConnection) -> None:
+        """TLS is up (or not used): send the Challenge, unless the peer's address has failed
+        to log in too often lately; then it is told to slow down."""
+        wait = self.admission.penalty(conn.peer, time.monotonic())
+        if wait <= 0:
+            conn.challenge()
+            return
+        self.refused(
+            conn.peer,
+            "slow_down",
+            "refusing %s from %s: %d failed logins from there lately; slow down for %.1f s",
+            conn.conn_id,
+            conn.peer,
+            self.admission.failures(conn.peer),
+            wait,
+        )
+        conn.close(
+            "slow_down",
+            f"too many failed logins from your address: try again in {math.ceil(wait)} s",
+        )
+
+    def tls_failed(self, conn: ServerConnection, exc: BaseException) -> None:
+        self.refusals["tls_failed"] += 1
+        log.debug(
+            "%s from %s: TLS handshake failed: %s",
+            conn.conn_id,
+            conn.peer,
+            peer_text(str(exc) or type(exc).__name__, 200),
+        )
+
+    def refused(self, address: str, reason: str, message: str, *args: object) -> None:
+        """Count a connection refused or closed for ``reason``, and log ``message``: at most
+        one such line per address per LogLimiter.interval, the next one telling how many
+        were held back (peer text in ``args`` must have gone through ``peer_text``)."""
+        self.refusals[reason] += 1
+        held = self._refusal_log.allow(address, time.monotonic())
+        if held is None:
+            return
+        if held:
+            log.warning(message + " [and %d more from %s not logged]", *args, held, address)
+        else:
+            log.warning(message, *args)
+
+    def _log_held_refusals(self, now: float) -> None:
+        for address, held in self._refusal_log.overdue(now):
+            log.warning("%d more refused or closed connections from %s not logged", held, address)
+
+    def _log_incidents(self, now: float) -> None:
+        """What workers did wrong (counted by the scheduler): one line per worker and kind per
+        INCIDENT_LOG_INTERVAL at most, each with the count since the last line."""
+        if now - self._last_incident_log < INCIDENT_LOG_INTERVAL:
+            return
+        incidents = self.scheduler.take_incidents()
+        if not incidents:
+            return
+        self._last_incident_log = now
+        for incident in incidents:
+            worker = f"{peer_text(incident.name, 60)} ({incident.worker_id})"
+            if incident.kind == "forged_results":
+                log.warning(
+                    "dropped %d results from worker %s for tasks it does not hold "
+                    "(%d since the start)",
+                    incident.count,
+                    worker,
+                    self.scheduler.forged_results_dropped,
+                )
+            else:
+                log.warning(
+                    "worker %s held %d started tasks past their time limit: all its tasks "
+                    "were re-issued (%d since the start)",
+                    worker,
+                    incident.count,
+                    self.scheduler.tasks_overdue,
+                )
+
     # events ------------------------------------------------------------------------------------
 
     def handle(self, conn: ServerConnection, message: p.Message) -> None:
@@ -361,7 +726,12 @@ class Server:
             case p.Result():
                 self._run(self.scheduler.task_result(conn.conn_id, message, now))
             case p.Reject():
-                log.info("%s cannot run %s: %s", conn.name, message.project_id, message.reason)
+                log.info(
+                    "%s cannot run %s: %s",
+                    peer_text(conn.name, 60),
+                    peer_text(message.project_id, 60),
+                    peer_text(message.reason),
+                )
                 self._run(
                     self.scheduler.worker_rejects(
                         conn.conn_id, message.project_id, message.reason, now
@@ -370,7 +740,21 @@ class Server:
             case p.Submit():
                 self._submit(conn, message, now)
             case p.Tasks():
-                self._run(self.scheduler.add_tasks(conn.conn_id, message, now))
+                try:
+                    actions = self.scheduler.add_tasks(conn.conn_id, message, now)
+                except s.TasksRefused as exc:  # e.g. more new tasks than its credit
+                    self.refused(
+                        conn.peer,
+                        exc.code,
+                        "closing creator %s (%s) from %s: %s",
+                        conn.conn_id,
+                        peer_text(conn.name, 60),
+                        conn.peer,
+                        peer_text(exc, 200),
+                    )
+                    conn.close(exc.code, str(exc))
+                else:
+                    self._run(actions)
             case p.End():
                 actions = self.scheduler.end_tasks(conn.conn_id, message, now)
                 project = self.scheduler.projects.get(message.project_id)
@@ -390,6 +774,7 @@ class Server:
                     log.warning("%s: Release of a project it does not own", conn.conn_id)
                 elif stored is not None and stored.status != "running":
                     self.store.project_released(message.project_id)
+                    self.usage.released(message.project_id)
             case p.ListProjects():
                 self._commit()
                 projects = [
@@ -406,7 +791,14 @@ class Server:
                 else:
                     log.warning("%s: Cancel of a project it does not own", conn.conn_id)
             case p.Goodbye() | p.Error():
-                log.info("%s (%s) closes: %s", conn.conn_id, conn.name, message)
+                text = message.reason if isinstance(message, p.Goodbye) else message.message
+                log.info(
+                    "%s (%s) closes: %s %s",
+                    conn.conn_id,
+                    peer_text(conn.name, 60),
+                    type(message).__name__,
+                    peer_text(text),
+                )
             case _:
                 pass  # Heartbeat: liveness was recorded above
 
@@ -433,15 +825,25 @@ class Server:
             self._check_tokens()
             record = self._verified(conn, hello)
         if record is None:
-            log.warning("%s: refused token %r", conn.conn_id, hello.identity)
-            conn.close("auth_failed", "unknown, revoked or wrong token")
+            self._refuse_login(
+                conn,
+                "auth_failed",
+                "unknown, revoked or wrong token",
+                now,
+                f"refused token {peer_text(hello.identity)!r}",
+            )
             return
         if not permissions.may_connect_as(record.role, hello.role):
-            log.warning(
-                "%s: token %r may not connect as %s", conn.conn_id, hello.identity, hello.role
+            self._refuse_login(
+                conn,
+                "forbidden",
+                permissions.refusal(record.role, hello.role),
+                now,
+                f"token {peer_text(hello.identity)!r} may not connect as {hello.role}",
             )
-            conn.close("forbidden", permissions.refusal(record.role, hello.role))
             return
+        self.admission.done(conn.conn_id)  # no longer counts against the caps
+        self.admission.succeeded(conn.peer)
         conn.identity = record.name
         conn.token_role = record.role
         device_id = hello.device_id
@@ -458,7 +860,14 @@ class Server:
                 device_id=device_id, heartbeat_interval=self.heartbeat, max_frame=self.max_frame
             )
         )
-        log.info("%s joined as %s (%s, %d slots)", conn.name, hello.role, conn.conn_id, hello.slots)
+        log.info(
+            "%s joined as %s (%s from %s, %d slots)",
+            peer_text(conn.name),
+            hello.role,
+            conn.conn_id,
+            conn.peer,
+            hello.slots,
+        )
         if hello.role == "worker":
             self.workers[conn.conn_id] = conn
             self._run(
@@ -469,6 +878,27 @@ class Server:
         else:
             self.creators[conn.conn_id] = conn
 
+    def _refuse_login(
+        self, conn: ServerConnection, code: str, text: str, now: float, why: str
+    ) -> None:
+        """A Hello refused: answered at once, or, once its address has failed too often
+        lately, only after a growing delay (Admission.failed)."""
+        delay = self.admission.failed(conn.peer, now)
+        self.refused(
+            conn.peer,
+            code,
+            "%s from %s: %s (%s)%s",
+            conn.conn_id,
+            conn.peer,
+            why,
+            code,
+            f"; answering in {delay:.1f} s (slow down)" if delay > 0 else "",
+        )
+        if delay > 0:
+            conn.close_later(delay, code, text)
+        else:
+            conn.close(code, text)
+
     def _owner(self, project_id: str) -> str | None:
         owner = self.owners.get(project_id)
         if owner is None:
@@ -477,6 +907,8 @@ class Server:
         return owner
 
     def _may_access(self, conn: ServerConnection, project_id: str) -> bool:
+        # an id nobody owns reads like someone else's to a non-admin, so that ids cannot be
+        # probed; a creator whose Submit was lost takes "forbidden" as "submit again"
         return permissions.may_access_project(
             conn.identity or "", conn.token_role or "", self._owner(project_id)
         )
@@ -502,8 +934,20 @@ class Server:
         if not permissions.may_submit(conn.token_role or ""):
             self._refuse(conn, project_id, "forbidden", "this token may not submit projects")
             return
-        if project_id in self.scheduler.projects or self.store.project(project_id) is not None:
+        if (
+            project_id in self.scheduler.projects
+            # finished (and forgotten by the scheduler) in this very turn, not committed yet:
+            # a second project under its id would write over its rows
+            or project_id in self._unsaved_finished
+            or self.store.project(project_id) is not None
+        ):
             self._refuse(conn, project_id, "duplicate_id", f"project id {project_id} is in use")
+            return
+        owner = conn.identity or ""
+        refusal = submit_refusal(self.limits, self.usage, owner, len(submit.code))
+        if refusal is not None:
+            log.warning("%s: project %s refused: %s", conn.conn_id, project_id, refusal[1])
+            self._refuse(conn, project_id, *refusal)
             return
         try:
             actions = self.scheduler.submit(conn.conn_id, submit, now)
@@ -517,38 +961,45 @@ class Server:
             "only_if": submit.only_if,
             "options": self.scheduler.projects[project_id].options,
         }
-        owner = conn.identity or ""
         self.owners[project_id] = owner
+        self.usage.started(project_id, owner)
         self.store.project_submitted(
             project_id, submit.name, conn.device_id or "", submit.code, spec, owner
         )
-        log.info("project %s (%s) submitted by %s", project_id, submit.name, conn.name)
+        log.info(
+            "project %s (%s) submitted by %s",
+            project_id,
+            peer_text(submit.name),
+            peer_text(conn.name, 60),
+        )
         self._run(actions)
 
     def _refuse(self, conn: ServerConnection, project_id: str, reason: str, text: str) -> None:
         """A Submit not taken: Accepted of credit 0, then Finished ``failed``; the tasks the
         creator sent behind the Submit are dropped as tasks of an unknown project."""
         conn.send(p.Accepted(project_id=project_id, credit=0))
-        conn.send(
+        self._to_creator(
+            conn,
             p.Finished(
                 project_id=project_id,
                 status="failed",
                 error={"reason": reason, "message": text},
                 stop=None,
                 stats={},
-            )
+            ),
         )
 
     def _attach(self, conn: ServerConnection, attach: p.Attach, now: float) -> None:
-        """Re-attach a creator: the project's state, then every stored result, then Finished
-        if it has ended. The creator drops seqs it already has."""
+        """Re-attach a creator: the project's state at once, then every stored result, then
+        Finished if it has ended, streamed (see :meth:`_replay`). The creator drops seqs it
+        already has."""
         self._commit()  # so that the replay below reads every result accepted so far
         project_id = attach.project_id
         actions = self.scheduler.attach(conn.conn_id, attach.ref, project_id, now)
         stored = self.store.project(project_id)
         if actions:
-            self._run(actions)
-            self._replay(conn, project_id, None)
+            self._replay(conn, project_id, None)  # first: live results are held back from now
+            self._run(actions)  # Attached
             return
         unsaved = self._unsaved_finished.get(project_id)
         if unsaved is not None:  # finished, but not on disk yet
@@ -603,30 +1054,69 @@ class Server:
         self._replay(conn, project_id, finished)
 
     def _replay(self, conn: ServerConnection, project_id: str, last: p.Message | None) -> None:
-        """Send a project's stored results, then ``last``, in this turn: nothing live (a new
-        result, or Finished) can overtake them. The creator drops seqs it already has."""
-        replayed = set()
-        for message in self.store.results(project_id):
-            damaged = message.pop("damaged", None)
-            if damaged is not None:  # e.g. after a power loss: say so; the creator then
-                log.error("%s", damaged)  # sees it is missing results, never wrong ones
-                conn.send(p.Notice(project_id=project_id, level="warning", text=damaged))
-                continue
-            replayed.add(message["seq"])
-            conn.send(p.TaskDone(project_id=project_id, **message))
-        for seq, message in self._unsaved_results.get(project_id, {}).items():
-            if seq not in replayed:
-                conn.send(p.TaskDone(project_id=project_id, **message))
-        if last is not None:
-            conn.send(last)
+        """Queue the replay of a project's stored results (and of those accepted but not on
+        disk yet), then ``last``, to ``conn``. It is streamed a page at a time while the
+        connection reads (:meth:`_pump`), one replay per connection at a time; an Attach of a
+        project already replaying or waiting to on ``conn`` starts none, and past
+        ``replay.MAX_REPLAYS`` waiting the connection is closed with ``too_many_requests``.
+        Nothing live about the project (a new TaskDone, or Finished) overtakes the replay: from
+        now on such messages to ``conn`` are held back until it is over (:meth:`_to_creator`)."""
+        if conn.closing or project_id in conn.replays:
+            return  # a replay under way or waiting covers this Attach too
+        replay = Replay(project_id, last, dict(self._unsaved_results.get(project_id, {})))
+        try:
+            if conn.replays.add(replay):
+                self.pump_soon(conn)
+        except TooManyReplays as exc:
+            log.warning("closing %s (%s): %s", conn.conn_id, peer_text(conn.name), exc)
+            conn.replays.clear()
+            conn.close("too_many_requests", f"{exc}; wait for the replays under way")
+
+    def pump_soon(self, conn: ServerConnection) -> None:
+        if len(conn.replays) and not conn.pump_scheduled:
+            conn.pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump, conn)
+
+    def _pump(self, conn: ServerConnection) -> None:
+        """Queue the next step of ``conn``'s replay (a page of about ``replay.STEP_BYTES``),
+        unless its transport's buffer is full (pause_writing): the flush that writes it, or
+        resume_writing, asks for the next one. A peer that never reads holds one page."""
+        conn.pump_scheduled = False
+        if conn.closing:
+            conn.replays.clear()
+            return
+        if conn.paused or conn.transport is None:
+            return
+        try:
+            messages = conn.replays.step(self._results_page)
+        except Exception as exc:  # sqlite3.Error: the database cannot be read
+            log.error("cannot replay results to %s: %s", conn.conn_id, exc)
+            conn.replays.clear()
+            conn.close("store_error", "the server cannot read its stored results; try later")
+            return
+        for message in messages:
+            conn.send(message)
+
+    def _results_page(self, project_id: str, after_seq: int, max_bytes: int) -> list[Any]:
+        return self.store.results_page(project_id, after_seq, max_bytes=max_bytes)
+
+    def _to_creator(self, conn: ServerConnection, message: p.Message) -> None:
+        """Send ``message`` to a creator, unless it is a TaskDone or Finished of a project
+        whose replay to ``conn`` runs or waits: then it follows the replay."""
+        if conn.replays.hold(message):
+            conn.over_buffer()  # what is held counts as waiting for the peer
+            return
+        conn.send(message)
 
     def lost(self, conn: ServerConnection) -> None:
+        conn.replays.clear()
+        self.admission.done(conn.conn_id)
         self.connections.pop(conn.conn_id, None)
         self._dirty.pop(conn.conn_id, None)
         self._after_commit.pop(conn.conn_id, None)
         now = time.monotonic()
         if self.workers.pop(conn.conn_id, None) is not None:
-            log.info("worker %s left", conn.name)
+            log.info("worker %s left", peer_text(conn.name))
             self._run(self.scheduler.remove_worker(conn.conn_id, now))
         if self.creators.pop(conn.conn_id, None) is not None:
             self._run(self.scheduler.remove_creator(conn.conn_id, now))
@@ -655,14 +1145,29 @@ class Server:
                             "files": message.files,
                             "stats": message.stats,
                         }
-                        self.store.task_done(message.project_id, message.seq, record)
+                        nbytes = self.store.task_done(message.project_id, message.seq, record)
                         unsaved = self._unsaved_results.setdefault(message.project_id, {})
                         unsaved.setdefault(message.seq, record)
+                        total = self.usage.result_stored(message.project_id, nbytes)
+                        if past_quota(self.limits, total):
+                            self._over_quota.add(message.project_id)
                     conn = self.creators.get(creator_id or "")
                     if conn is not None:
-                        conn.send(message)
+                        self._to_creator(conn, message)
                     if isinstance(message, p.Finished):
                         self._finished(message)
+        while self._over_quota:  # the result that went past the quota is kept; no more are
+            self._fail_over_quota(self._over_quota.pop())
+
+    def _fail_over_quota(self, project_id: str) -> None:
+        owner = self.usage.owner(project_id) or ""
+        project = self.scheduler.projects.get(project_id)
+        if project is None or project.status != "running":
+            return
+        text = quota_message(self.limits, self.usage, owner)
+        log.warning("project %s fails: %s", project_id, text)
+        error = {"reason": "quota", "message": text}
+        self._run(self.scheduler.fail(project_id, error, time.monotonic()))
 
     def _finished(self, message: p.Finished) -> None:
         log.info("project %s %s", message.project_id, message.status)
@@ -680,6 +1185,7 @@ class Server:
         )
         self.scheduler.forget_project(message.project_id)
         self.owners.pop(message.project_id, None)
+        self.usage.ended(message.project_id)
 
     # timers ------------------------------------------------------------------------------------
 
@@ -688,11 +1194,14 @@ class Server:
         while True:
             now = time.monotonic()
             self._run(self.scheduler.tick(now))
+            self._log_incidents(now)
             self._check_liveness(now)
+            self._log_held_refusals(now)
             self._check_tokens()
             if now - self._last_prune > PRUNE_INTERVAL:
                 self._last_prune = now
-                self.store.prune(self.keep_finished)
+                for project_id in self.store.prune(self.keep_finished):
+                    self.usage.released(project_id)
             # Leases are checked a few times per the shortest lease, not on every event: an
             # expiry is noticed at most a quarter of a lease late, at a fixed small cost.
             wait = min(self.heartbeat / 2, TOKEN_CHECK_INTERVAL)
@@ -730,14 +1239,23 @@ class Server:
         silence_limit = self.heartbeat * p.SILENCE_FACTOR
         for conn in list(self.connections.values()):
             if conn.role is None:
-                if now - conn.opened_at > HANDSHAKE_TIMEOUT:
+                if now - conn.opened_at > HANDSHAKE_TIMEOUT and not conn.closing:
+                    self.refused(
+                        conn.peer,
+                        "handshake_timeout",
+                        "closing %s from %s: no Hello within %.0f s (handshake timeout; %s)",
+                        conn.conn_id,
+                        conn.peer,
+                        HANDSHAKE_TIMEOUT,
+                        conn.stage,
+                    )
                     conn.close("handshake_timeout", "no Hello in time")
                 continue
             if now - conn.last_received > silence_limit:
                 log.warning(
                     "%s (%s) silent for %.1f s; dropping it",
                     conn.conn_id,
-                    conn.name,
+                    peer_text(conn.name),
                     now - conn.last_received,
                 )
                 if conn.transport is not None:
