@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import pickle
 import re
-import select
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from typing import Self
 
 import pytest
-from conftest import ServerProcess, WorkerProcess, hello_for, raw_socket, wait_for
+from conftest import RawPeer, ServerProcess, WorkerProcess, wait_for
 
 from dcproto import Distribute
 from dcproto import protocol as p
@@ -32,117 +28,6 @@ TIMEOUT = 20.0  # generous: a failure shows as a timeout, a pass takes a fractio
 
 
 # ---- a hand-driven peer -------------------------------------------------------------------------
-
-
-class RawPeer:
-    """One authenticated protocol connection driven by the test, under a token of its own
-    (``token_name``). A thread sends Heartbeats, so the server does not drop the peer while the
-    test waits; received Heartbeats are skipped."""
-
-    def __init__(self, server: ServerProcess, role: str, token_name: str, slots: int = 0) -> None:
-        self.sock = raw_socket(server)
-        self._decoder = p.Decoder()
-        self._inbox: deque[p.Message] = deque()
-        self._send_lock = threading.Lock()
-        self._stop = threading.Event()
-        self.closed = False  # the server closed the connection
-        challenge = self.receive(5)
-        assert isinstance(challenge, p.Challenge), challenge
-        token = server.add_token(token_name, role)
-        self.send(hello_for(server, challenge, role, token=token, slots=slots, name=token_name))
-        welcome = self.receive(5)
-        assert isinstance(welcome, p.Welcome), welcome
-        self._beats = threading.Thread(
-            target=self._heartbeats, args=(welcome.heartbeat_interval / 3,), daemon=True
-        )
-        self._beats.start()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._beats.is_alive():
-            self._beats.join(timeout=5)
-        self.sock.close()
-
-    def _heartbeats(self, interval: float) -> None:
-        beat = p.encode(p.Heartbeat())
-        while not self._stop.wait(interval):
-            try:
-                self.send_raw(beat)
-            except OSError:
-                return
-
-    def send_raw(self, data: bytes) -> None:
-        with self._send_lock:
-            self.sock.sendall(data)
-
-    def send(self, *messages: p.Message) -> None:
-        """All ``messages`` in one write."""
-        self.send_raw(b"".join(p.encode(m) for m in messages))
-
-    def _pump(self, timeout: float) -> None:
-        readable, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
-        if not readable:
-            return
-        try:
-            data = self.sock.recv(65536)
-        except ConnectionResetError:
-            data = b""
-        if not data:
-            self.closed = True
-            return
-        for body in self._decoder.feed(data):
-            message = p.decode(body)
-            if not isinstance(message, p.Heartbeat):
-                self._inbox.append(message)
-
-    def receive(self, timeout: float) -> p.Message | None:
-        """The next message but Heartbeats; None once the server has closed. Fails the test
-        after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while not self._inbox:
-            if self.closed:
-                return None
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"no message from the server within {timeout} s")
-            self._pump(remaining)
-        return self._inbox.popleft()
-
-    def receive_until(
-        self, last: Callable[[p.Message], bool], timeout: float = TIMEOUT
-    ) -> list[p.Message]:
-        """Messages up to and including the first one for which ``last`` is true."""
-        deadline = time.monotonic() + timeout
-        messages: list[p.Message] = []
-        while True:
-            message = self.receive(max(0.0, deadline - time.monotonic()))
-            if message is None:
-                pytest.fail(f"the server closed the connection; so far: {messages}")
-            messages.append(message)
-            if last(message):
-                return messages
-
-    def until_closed(self, timeout: float = TIMEOUT) -> list[p.Message]:
-        """Every message until the server closes the connection."""
-        messages: list[p.Message] = []
-        while (message := self.receive(timeout)) is not None:
-            messages.append(message)
-        return messages
-
-    def quiet_for(self, seconds: float) -> list[p.Message]:
-        """What has arrived, and whatever arrives within ``seconds``, but Heartbeats."""
-        deadline = time.monotonic() + seconds
-        while not self.closed and (remaining := deadline - time.monotonic()) > 0:
-            self._pump(remaining)
-        messages = list(self._inbox)
-        self._inbox.clear()
-        return messages
 
 
 def forged_result(task_id: int, outcome: str) -> p.Result:
@@ -192,7 +77,7 @@ def test_forged_results_from_a_worker_without_the_tasks_change_nothing(
 
     project = Squares()
     wait_for(lambda: project.progress.tasks_done >= 2, TIMEOUT, "the first results")
-    with RawPeer(server, "worker", "mallory", slots=4) as mallory:
+    with RawPeer(server, "worker", slots=4, token_name="mallory") as mallory:
         # task ids on a fresh server start at 1: these name every task of the project, done,
         # running and queued, and more besides
         for outcome in ("ok", "error", "stop"):
@@ -235,7 +120,7 @@ def test_a_creator_over_its_credit_is_closed_and_other_projects_go_on(
             return x**3
 
     project = Cubes()
-    with RawPeer(server, "creator", "greedy") as greedy:
+    with RawPeer(server, "creator", token_name="greedy") as greedy:
         # the INITIAL_CREDIT tasks right behind the Submit are fine
         greedy.send(
             p.Submit(
@@ -283,7 +168,7 @@ def test_tasks_of_a_worker_that_only_heartbeats_go_to_a_real_worker(
         def parallel_func(x: int) -> int:
             return x + 1
 
-    with RawPeer(server, "worker", "sloth", slots=1) as sloth:
+    with RawPeer(server, "worker", slots=1, token_name="sloth") as sloth:
         sloth.send(p.Credit(credit=3))
         project = PlusOne()
         held: list[p.Task] = []

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import select
 import sqlite3
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Self
+from typing import Any
 
 import msgpack
-import pytest
-from conftest import ServerProcess, WorkerProcess, hello_for, raw_socket
+from conftest import RawPeer, ServerProcess, WorkerProcess
 
 from dcproto import protocol as p
 from dcproto.creator.creator import pickle_class
@@ -43,109 +39,6 @@ class Times1000:
 
 
 # ---- a hand-driven peer -------------------------------------------------------------------------
-
-
-class RawPeer:
-    """One authenticated protocol connection driven by the test. A thread sends Heartbeats, so
-    the server does not drop the peer while the test waits; received Heartbeats are skipped."""
-
-    def __init__(self, server: ServerProcess, role: str, slots: int = 0) -> None:
-        self.sock = raw_socket(server)
-        self._decoder = p.Decoder()
-        self._inbox: deque[p.Message] = deque()
-        self._send_lock = threading.Lock()
-        self._stop = threading.Event()
-        self.closed = False  # the server closed the connection
-        challenge = self.receive(5)
-        assert isinstance(challenge, p.Challenge), challenge
-        self.send(hello_for(server, challenge, role, slots=slots, name=f"raw-{role}"))
-        welcome = self.receive(5)
-        assert isinstance(welcome, p.Welcome), welcome
-        self._beats = threading.Thread(
-            target=self._heartbeats, args=(welcome.heartbeat_interval / 3,), daemon=True
-        )
-        self._beats.start()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._beats.is_alive():
-            self._beats.join(timeout=5)
-        self.sock.close()
-
-    def _heartbeats(self, interval: float) -> None:
-        beat = p.encode(p.Heartbeat())
-        while not self._stop.wait(interval):
-            try:
-                self.send_raw(beat)
-            except OSError:
-                return
-
-    def send_raw(self, data: bytes) -> None:
-        with self._send_lock:
-            self.sock.sendall(data)
-
-    def send(self, *messages: p.Message) -> None:
-        """All ``messages`` in one write."""
-        self.send_raw(b"".join(p.encode(m) for m in messages))
-
-    def _pump(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for data and take in what arrives."""
-        readable, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
-        if not readable:
-            return
-        try:
-            data = self.sock.recv(65536)
-        except ConnectionResetError:
-            data = b""
-        if not data:
-            self.closed = True
-            return
-        for body in self._decoder.feed(data):
-            message = p.decode(body)
-            if not isinstance(message, p.Heartbeat):
-                self._inbox.append(message)
-
-    def receive(self, timeout: float) -> p.Message | None:
-        """The next message but Heartbeats; None once the server has closed. Fails the test
-        after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while not self._inbox:
-            if self.closed:
-                return None
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"no message from the server within {timeout} s")
-            self._pump(remaining)
-        return self._inbox.popleft()
-
-    def receive_until(
-        self, last: Callable[[p.Message], bool], timeout: float = TIMEOUT
-    ) -> list[p.Message]:
-        """Messages up to and including the first one for which ``last`` is true."""
-        deadline = time.monotonic() + timeout
-        messages: list[p.Message] = []
-        while True:
-            message = self.receive(max(0.0, deadline - time.monotonic()))
-            if message is None:
-                pytest.fail(f"the server closed the connection; so far: {messages}")
-            messages.append(message)
-            if last(message):
-                return messages
-
-    def quiet_for(self, seconds: float) -> list[p.Message]:
-        """Whatever arrives within ``seconds`` but Heartbeats (the connection stays open)."""
-        deadline = time.monotonic() + seconds
-        while not self.closed and (remaining := deadline - time.monotonic()) > 0:
-            self._pump(remaining)
-        messages = list(self._inbox)
-        self._inbox.clear()
-        return messages
 
 
 def _finished(project_id: str) -> Callable[[p.Message], bool]:
