@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import os
 import re
 import tempfile
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "USERS_FILE",
     "User",
     "add_user",
+    "closest_name",
     "config_path",
     "get_user",
     "load_users",
@@ -219,21 +221,50 @@ def get_user(name: str, path: Path | None = None) -> User:
 def add_user(user: User, path: Path | None = None, *, replace: bool = True) -> None:
     """Store ``user``, overwriting one of the same name unless ``replace`` is false."""
     path = config_path() if path is None else path
-    users = load_users(path)
+    users: dict[str, User | None] = (
+        _users_for_change(user.name, path) if replace else dict(load_users(path))
+    )
     if not replace and user.name in users:
         raise UsageError(f"user {user.name!r} already exists in {path}")
-    users[user.name] = user
-    _write_users(users, path)
+    users[user.name] = user  # a replaced user keeps its place
+    _write_users(_present(users), path)
 
 
 def remove_user(name: str, path: Path | None = None) -> None:
     """Delete the user called ``name``; :class:`UnknownUserError` if there is none."""
     path = config_path() if path is None else path
-    users = load_users(path)
+    users = _users_for_change(name, path)
     if name not in users:
-        raise _unknown(name, users, path)
+        raise _unknown(name, _present(users), path)
     del users[name]
-    _write_users(users, path)
+    _write_users(_present(users), path)
+
+
+def _present(users: Mapping[str, User | None]) -> dict[str, User]:
+    return {key: user for key, user in users.items() if user is not None}
+
+
+def _users_for_change(name: str, path: Path) -> dict[str, User | None]:
+    """The users in the file, in file order, about to have ``name`` replaced or removed. When
+    only the entry of ``name`` cannot be loaded (say, a secret from before tokens) it is None
+    here instead of an error: replacing or removing it works, as the error about it advises."""
+    try:
+        return dict(load_users(path))
+    except UsageError as error:
+        try:
+            with path.open("rb") as fh:
+                tables = tomllib.load(fh).get("users")
+        except (OSError, ValueError):
+            raise error from None
+        if not isinstance(tables, Mapping) or name not in tables:
+            raise
+        try:
+            return {
+                key: None if key == name else _user_from_table(key, table, path)
+                for key, table in tables.items()
+            }
+        except UsageError:
+            raise error from None
 
 
 def set_device_id(name: str, device_id: str, path: Path | None = None) -> None:
@@ -246,9 +277,17 @@ def set_device_id(name: str, device_id: str, path: Path | None = None) -> None:
     _write_users(users, path)
 
 
+def closest_name(name: str, names: Iterable[str]) -> str | None:
+    """The known name ``name`` is most likely a typo of (difflib), or None."""
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _unknown(name: str, users: Mapping[str, User], path: Path) -> UnknownUserError:
     known = f"known users: {', '.join(users)}" if users else "no users are configured"
-    return UnknownUserError(f"no user named {name!r} ({known}; file {path}); {_ADD_HINT}")
+    close = closest_name(name, users)
+    guess = f"did you mean {close!r}? " if close else ""
+    return UnknownUserError(f"no user named {name!r}; {guess}({known}; file {path}); {_ADD_HINT}")
 
 
 # -- writing -------------------------------------------------------------------------------

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -41,12 +43,34 @@ def join_host(host: str) -> str:
     return host
 
 
+def version_text(prog: str) -> str:
+    """``PROG X.Y.Z``: the installed distribution's version, else the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("dcproto")
+    except PackageNotFoundError:
+        from .. import __version__ as number
+    return f"{prog} {number}"
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, but not an empty one (None, False) nor a second one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcproto-server",
         description="Run the dcproto coordinator server.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_text("dcproto-server"))
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free)")
     parser.add_argument(
@@ -225,11 +249,52 @@ def _identity(args: argparse.Namespace, state_dir: Path) -> ServerIdentity | Non
     return load_or_create_identity(state_dir, names)
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_bind(host: str, port: int) -> None:
+    """Raise OSError if ``host:port`` cannot be bound the way the server will bind it (every
+    address ``host`` resolves to, SO_REUSEADDR on POSIX): so a server that cannot listen stops
+    before it makes its state dir, keys and tokens. The sockets are closed again at once."""
+    infos = socket.getaddrinfo(
+        host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    for family, kind, proto, _, sockaddr in dict.fromkeys(infos):
+        with socket.socket(family, kind, proto) as sock:
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+
+
+def _new_dirs(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet; None if it does."""
+    missing = None
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
 async def serve(args: argparse.Namespace) -> int:
     state_dir: Path = args.state_dir
+    # bind first: a server that cannot listen leaves nothing behind
+    try:
+        check_bind(args.host, args.port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print(
+            f"dcproto-server: cannot listen on {_address(args.host, args.port)}: {reason}",
+            file=sys.stderr,
+        )
+        return 2
     # every file the server makes (database, WAL, keys, tokens) is private, whatever the umask
     os.umask(0o077)
     lock = statedir.StateDirLock(state_dir)
+    created = _new_dirs(state_dir)
     try:
         statedir.prepare(state_dir)
         lock.acquire()
@@ -252,13 +317,24 @@ async def serve(args: argparse.Namespace) -> int:
         )
     except DcprotoError as exc:
         lock.release()
+        if created is not None:  # a state dir this start made, left half-made
+            shutil.rmtree(created, ignore_errors=True)
         print(f"dcproto-server: {exc}", file=sys.stderr)
         return 2
     try:
         host, port = await server.start(args.host, args.port)
     except OSError as exc:
+        # taken since check_bind(): undo what this start made
+        with contextlib.suppress(DcprotoError):
+            server.store.close()
         lock.release()
-        print(f"dcproto-server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        reason = exc.strerror or str(exc)
+        print(
+            f"dcproto-server: cannot listen on {_address(args.host, args.port)}: {reason}",
+            file=sys.stderr,
+        )
         return 2
     address = args.advertise or f"{join_host(args.host)}:{port}"
     if ":" not in address.rsplit("]", 1)[-1]:

@@ -1,9 +1,26 @@
 """Durable server state in SQLite (WAL mode): devices, projects, tasks and results.
 
-Writes are queued and committed together by :meth:`Store.commit`, which the server calls once
-per event-loop turn *before* it sends anything out: nothing leaves the server before the state
-it reflects is on disk, and a burst of events costs one transaction. A kill -9 loses at most
-the current turn's work, none of which anyone was told about.
+Writes are queued and written together by :meth:`Store.commit`: result payloads first, into
+their per-project files, then every queued row in one transaction, so a row never points at
+bytes not yet written. ``synchronous=NORMAL``: a commit survives a crash of the process; a
+power loss may undo the last ones.
+
+The server does *not* commit before everything it sends (see ``Server._flush`` and
+``COMMIT_FIRST`` in :mod:`.server`). Commits are grouped: spaced after the last one by up to
+``MAX_COMMIT_DELAY`` (1 ms), so under load one transaction covers several loop turns. Only
+what tells a creator that something is stored waits for the commit: Accepted, More, Attached
+and ProjectList, with whatever is queued behind them on the same connection; and a task id
+above the stored ceiling (ids are reserved on disk a block at a time) is committed before it
+leaves. Everything else -- Tasks to workers, TaskDone, Finished, Notices, Errors -- may go out
+before the state it reflects is on disk. A kill -9 therefore loses the writes not yet
+committed (a loop turn's, plus at most a millisecond's), some of which may already have been
+sent: a task or result not stored is redone after the restart (the creator resends any task
+that More.stored does not cover yet), and a project whose Finished went out may run again.
+
+When the disk refuses a commit, no row of it lands: its writes are kept in memory (up to
+``MAX_PENDING_WRITES``) and retried by the next commits, while the server serves from memory;
+the messages that waited for that commit are then sent anyway, although their state is not on
+disk.
 """
 
 from __future__ import annotations

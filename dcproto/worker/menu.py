@@ -1,21 +1,84 @@
 """The interactive worker menu (``dcproto-worker`` with no arguments), as the original app had:
-choose or create a user, then ``help``, ``user``, ``task``, ``exit``."""
+choose or create a user, then ``help``, ``user``, ``token``, ``task``, ``exit``.
+
+Wherever the menu asks for a token it also takes the whole join line a server's admin hands
+out (``dcproto users add NAME HOST:PORT --token ... --fingerprint ...``). A user kept without a
+token (or whose entry cannot be read any more) is asked for one when chosen."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import shlex
 import sys
 from collections.abc import Callable
 
 from .. import users
-from ..errors import DcprotoError
+from ..errors import DcprotoError, UsageError
+from ..trust.tls import normalize_fingerprint
+from ..trust.tokens import parse_token
 from .worker import WorkerConfig, run_worker
 
 HELP = """commands:
   help   show this help
   user   switch to another user (named server) or create one
+  token  enter a new token, or the whole join line, for the current user
   task   run a number of tasks for the current user, then come back here
   exit   leave"""
+
+TOKEN_PROMPT = "token (NAME.SECRET), or the whole join line (dcproto users add ...): "
+_JOIN = ["dcproto", "users", "add"]
+
+
+@dataclasses.dataclass
+class JoinLine:
+    """What a join line says: ``dcproto users add NAME HOST[:PORT] --token T [...]``."""
+
+    host: str
+    port: int
+    token: str | None
+    fingerprint: str | None
+    insecure: bool
+
+
+def parse_join_line(text: str) -> JoinLine | None:
+    """The join line in ``text``; None if ``text`` is not one. UsageError if it is a broken
+    one (the message never repeats the token)."""
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        return None
+    if words[:3] != _JOIN:
+        return None
+    words = words[3:]
+    options: dict[str, str] = {}
+    insecure = False
+    positional: list[str] = []
+    while words:
+        word = words.pop(0)
+        key, eq, value = word.partition("=")
+        if key in ("--token", "--fingerprint"):
+            if not eq:
+                if not words:
+                    raise UsageError(f"the join line has no value after {key}")
+                value = words.pop(0)
+            options[key] = value
+        elif word == "--insecure":
+            insecure = True
+        elif word.startswith("--"):
+            raise UsageError(f"the join line has an option the menu does not know: {key}")
+        else:
+            positional.append(word)
+    if len(positional) != 2:
+        raise UsageError("a join line reads: dcproto users add NAME HOST[:PORT] --token ...")
+    host, port = users.parse_address(positional[1])
+    token = options.get("--token")
+    if token is not None:
+        parse_token(token)
+    fingerprint = options.get("--fingerprint")
+    if fingerprint is not None:
+        fingerprint = normalize_fingerprint(fingerprint)
+    return JoinLine(host, port, token, fingerprint, insecure)
 
 
 def _ask(prompt: str, read: Callable[[str], str]) -> str:
@@ -25,30 +88,111 @@ def _ask(prompt: str, read: Callable[[str], str]) -> str:
         raise SystemExit(0) from None
 
 
+def _save(user: users.User) -> users.User | None:
+    try:
+        users.add_user(user)
+    except DcprotoError as exc:
+        print(f"error: {exc}")
+        return None
+    print(f"saved {user.name} -> {user.address}")
+    return user
+
+
+def enter_token(user: users.User, read: Callable[[str], str] = input) -> users.User | None:
+    """Ask for a new token (or join line) for ``user`` and save it; None if none was given."""
+    text = _ask(TOKEN_PROMPT, read)
+    if not text:
+        print(f"no token entered; {user.name} is unchanged (type 'token' to enter one)")
+        return None
+    try:
+        join = parse_join_line(text)
+        if join is None:
+            parse_token(text)
+            user = dataclasses.replace(user, token=text)
+        else:
+            user = dataclasses.replace(
+                user,
+                host=join.host,
+                port=join.port,
+                token=join.token or user.token,
+                fingerprint=join.fingerprint,
+                insecure=join.insecure,
+            )
+    except DcprotoError as exc:
+        print(f"error: {exc}")
+        return None
+    if not user.token:
+        print("that join line holds no token: paste the token itself")
+        return None
+    return _save(user)
+
+
+def _new_user(name: str, read: Callable[[str], str]) -> users.User | None:
+    text = _ask(f"address of {name} (HOST[:PORT]), or the whole join line: ", read)
+    needed = f"a token is needed to run tasks; {name} was not saved"
+    try:
+        join = parse_join_line(text)
+        if join is None:
+            host, port = users.parse_address(text)
+            token = _ask(TOKEN_PROMPT, read)
+            join = parse_join_line(token) if token else None
+            if join is None:
+                if not token:
+                    print(needed)
+                    return None
+                parse_token(token)
+                fingerprint = _ask(
+                    "certificate fingerprint (sha256:..., empty to verify by CA): ", read
+                )
+                pin = normalize_fingerprint(fingerprint) if fingerprint else None
+                join = JoinLine(host, port, token, pin, False)
+        if not join.token:
+            token = _ask("that join line holds no token; token (NAME.SECRET): ", read)
+            if not token:
+                print(needed)
+                return None
+            parse_token(token)
+            join.token = token
+        user = users.User(
+            name=name,
+            host=join.host,
+            port=join.port,
+            token=join.token,
+            fingerprint=join.fingerprint,
+            insecure=join.insecure,
+        )
+    except DcprotoError as exc:
+        print(f"error: {exc}")
+        return None
+    return _save(user)
+
+
 def choose_user(read: Callable[[str], str] = input) -> users.User:
     while True:
-        known = users.load_users()
+        try:
+            known = users.load_users()
+        except DcprotoError as exc:
+            # e.g. an entry from before tokens: typing its name enters it again
+            print(f"error: {exc}")
+            print("type the name of the entry named there to enter it again")
+            known = {}
         if known:
-            print("users: " + ", ".join(known))
+            print(
+                "users: "
+                + ", ".join(f"{n} (no token)" if not u.token else n for n, u in known.items())
+            )
         name = _ask("user name (new or existing): ", read)
         if not name:
             continue
         if name in known:
-            return known[name]
-        address = _ask(f"address of {name} (HOST[:PORT]): ", read)
-        token = _ask("token (NAME.SECRET, from the server's admin): ", read) or None
-        fingerprint = _ask("certificate fingerprint (sha256:..., empty to verify by CA): ", read)
-        try:
-            host, port = users.parse_address(address)
-            user = users.User(
-                name=name, host=host, port=port, token=token, fingerprint=fingerprint or None
-            )
-            users.add_user(user)
-        except DcprotoError as exc:
-            print(f"error: {exc}")
-            continue
-        print(f"saved {name} -> {user.address}")
-        return user
+            user = known[name]
+            if user.token:
+                return user
+            print(f"user {name} has no token; enter the one its server's admin gave you")
+            return enter_token(user, read) or user  # without one, 'task' asks again
+        created = _new_user(name, read)
+        if created is not None:
+            return created
 
 
 def run_menu(read: Callable[[str], str] = input) -> int:
@@ -60,16 +204,24 @@ def run_menu(read: Callable[[str], str] = input) -> int:
             print(HELP)
         elif command == "user":
             user = choose_user(read)
+        elif command == "token":
+            user = enter_token(user, read) or user
         elif command == "task":
             text = _ask("how many tasks? ", read)
             if not text.isdigit() or int(text) < 1:
                 print("a positive whole number, please")
                 continue
-            user = users.load_users().get(user.name, user)
+            try:
+                user = users.load_users().get(user.name, user)
+            except DcprotoError as exc:
+                print(f"error: {exc}")
+            if not user.token:
+                print(f"user {user.name} has no token; enter the one its server's admin gave you")
+                user = enter_token(user, read) or user
             try:
                 endpoint = user.endpoint()
             except DcprotoError as exc:
-                print(f"error: {exc}")
+                print(f"error: {exc}; or type 'token' here to enter it")
                 continue
             config = WorkerConfig(
                 endpoint=endpoint,
@@ -78,11 +230,15 @@ def run_menu(read: Callable[[str], str] = input) -> int:
                 reconnect=False,
             )
             try:
-                asyncio.run(run_worker(config, user.name))
+                code = asyncio.run(run_worker(config, user.name))
             except DcprotoError as exc:
                 print(f"error: {exc}")
+                continue
             except KeyboardInterrupt:
                 print("interrupted")
+                continue
+            if code == 3:  # the token was refused; the reason is on stderr
+                print("the server refused the token; type 'token' to enter another one")
         elif command in ("exit", "quit"):
             return 0
         elif command:
