@@ -156,6 +156,9 @@ async def open_session(
     return reader, writer, proto, welcome
 
 
+KEEP_ALIVE_NAP = 0.25  # seconds; well under the shortest lease a project may have
+
+
 async def keep_alive(
     interval: float,
     *,
@@ -163,19 +166,25 @@ async def keep_alive(
     last_received: Callable[[], float],
     heartbeat: Callable[[], object],
     abort: Callable[[], None],
+    renew_every: Callable[[], float | None] = lambda: None,
 ) -> None:
     """A client's side of liveness: send a heartbeat when idle, so the server does not take
     us for gone, and ``abort()`` the connection once the server has been silent for
-    SILENCE_FACTOR intervals (a half-open connection). Returns after aborting."""
+    SILENCE_FACTOR intervals (a half-open connection). Returns after aborting.
+    ``renew_every()``: seconds within which a frame must go out for another reason (a worker
+    renewing short leases), or None."""
     while True:
-        await asyncio.sleep(interval / 2)
+        renew = renew_every()
+        quiet = interval / 2 if renew is None else min(interval / 2, renew)
+        # short naps: a lease taken on while we sleep is renewed in time
+        await asyncio.sleep(min(quiet, KEEP_ALIVE_NAP))
         now = time.monotonic()
         silent = now - last_received()
         if silent > p.SILENCE_FACTOR * interval:
             log.warning("the server has been silent for %.1f s; dropping the connection", silent)
             abort()
             return
-        if now - last_sent() >= interval / 2:
+        if now - last_sent() >= quiet:
             heartbeat()
 
 

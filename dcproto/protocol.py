@@ -31,7 +31,7 @@ import msgpack
 
 from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION = 3  # 2: creator-chosen project ids, INITIAL_CREDIT; 3: tokens, ranges, TLS
+PROTOCOL_VERSION = 4  # 2: creator-chosen ids, INITIAL_CREDIT; 3: tokens, TLS; 4: Recall
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 #: The handshake happens before the peer is authenticated, so it gets a much smaller limit.
@@ -49,7 +49,9 @@ IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a token's name
 #: SQLite's signed 64-bit integers with room for any sum the server computes.
 MAX_INT = 2**53
 MAX_SLOTS = 1024  # tasks one worker runs at once
-MAX_PREFETCH_PER_SLOT = 32  # tasks a worker may hold per slot beyond the one it runs
+# tasks a worker may hold per slot beyond the one it runs: enough to keep a slot busy on
+# one-item tasks across a round trip of a few hundred milliseconds
+MAX_PREFETCH_PER_SLOT = 512
 MAX_CREDIT = 1 << 16  # credit one message may grant
 MAX_TASKS_PER_FRAME = 4096
 MAX_TEXT = 4096  # names, reasons and messages
@@ -222,6 +224,15 @@ class Abandon(Message):
     """Server -> worker: stop these tasks now; their results are no longer wanted."""
 
     TYPE = 15
+    task_ids: list[int]
+
+
+@_msg
+class Recall(Message):
+    """Server -> worker: give these tasks back if they have not started; a started one runs
+    on and is answered as usual. A task given back is answered with outcome ``abandoned``."""
+
+    TYPE = 16
     task_ids: list[int]
 
 
@@ -442,6 +453,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Task,
     Result,
     Abandon,
+    Recall,
     Submit,
     Accepted,
     Tasks,
@@ -647,6 +659,7 @@ LENGTHS: dict[tuple[str, str], int] = {
     ("Reject", "reason"): MAX_TEXT,
     ("Result", "files"): MAX_FILES,
     ("Abandon", "task_ids"): MAX_CREDIT,
+    ("Recall", "task_ids"): MAX_CREDIT,
     ("Submit", "name"): MAX_NAME,
     ("Submit", "modules"): MAX_MODULES,
     ("Submit", "parallel"): MAX_NAME,
@@ -812,7 +825,7 @@ _WORKER_TO_SERVER = frozenset({Credit, Reject, Result}) | _ALWAYS
 _CREATOR_TO_SERVER = (
     frozenset({Submit, Tasks, End, Cancel, Attach, Release, ListProjects}) | _ALWAYS
 )
-_SERVER_TO_WORKER = frozenset({Project, Task, Abandon}) | _ALWAYS
+_SERVER_TO_WORKER = frozenset({Project, Task, Abandon, Recall}) | _ALWAYS
 _SERVER_TO_CREATOR = (
     frozenset({Accepted, More, TaskDone, Finished, Notice, Attached, ProjectList}) | _ALWAYS
 )

@@ -47,6 +47,7 @@ from dcproto.protocol import (
     Notice,
     Project,
     ProjectList,
+    Recall,
     Reject,
     Release,
     Result,
@@ -161,6 +162,7 @@ SAMPLES: dict[type[Message], Message] = {
     Task: Task(task_id=2**40, project_id="p-1", attempt=2, items=b"\x00" * 100),
     Result: result(),
     Abandon: Abandon(task_ids=[1, 2, 2**53]),
+    Recall: Recall(task_ids=[3, 2**53]),
     Submit: Submit(
         project_id="p-1",
         name="squares",
@@ -218,6 +220,7 @@ VARIANTS: list[Message] = [
     Finished(project_id="p", status="failed", error={"reason": "crash"}, stop=None, stats={}),
     Tasks(project_id="p", tasks=[]),
     Abandon(task_ids=[]),
+    Recall(task_ids=[]),
     Error(code="", message=""),
 ]
 
@@ -430,7 +433,7 @@ def test_bodies_that_are_not_arrays_starting_with_an_int(value: Any) -> None:
     assert "array starting with a type number" in str(info.value)
 
 
-@pytest.mark.parametrize("number", [0, 7, 9, 16, 19, 34, 255, -1, 2**64 - 1, -(2**63)])
+@pytest.mark.parametrize("number", [0, 7, 9, 17, 19, 34, 255, -1, 2**64 - 1, -(2**63)])
 def test_unknown_type_numbers(number: int) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         decode(msgpack.packb([number, "x"]))

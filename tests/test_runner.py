@@ -324,6 +324,19 @@ class Sleepy:
         return (x, os.getpid())
 
 
+class MarkThenReturn:
+    """Item: (marker, release). Touch the marker, then wait (up to 30 s) for the release."""
+
+    @staticmethod
+    def f(x: Any) -> str:
+        marker, release = x
+        Path(marker).touch()
+        deadline = time.monotonic() + 30
+        while not Path(release).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "released"
+
+
 class Rendezvous:
     """Each task announces itself with a file named after its item, then waits (up to 30 s)
     for its partner's file: both return True only if they ran at the same time."""
@@ -370,7 +383,7 @@ async def test_ok_results(runner: Runner) -> None:
     assert (outcome.n_items, outcome.n_kept) == (3, 3)
     assert outcome.error is None
     assert outcome.files == []
-    assert set(outcome.stats) == {"run", "exec"}
+    assert set(outcome.stats) == {"run", "exec", "service"}
     assert 0 <= outcome.stats["run"] <= outcome.stats["exec"]
 
 
@@ -613,14 +626,62 @@ async def test_abandon_of_a_task_still_waiting_for_a_child(runner: Runner, tmp_p
     assert pairs(outcome) == [(5, 25)]
 
 
-async def test_stray_sigusr1_counts_as_crash(runner: Runner, tmp_path: Path) -> None:
-    project = make_project(MarkThenSleep)
+async def test_a_stray_sigusr1_harms_no_task(runner: Runner, tmp_path: Path) -> None:
+    """The child gives up only a task the worker named on its abandon pipe: a signal that
+    names nothing (or lands between two tasks) leaves the task running."""
+    project = make_project(MarkThenReturn)
     marker = tmp_path / "started"
-    running = asyncio.create_task(run(runner, project, [str(marker)]))
+    release = tmp_path / "release"
+    running = asyncio.create_task(run(runner, project, [(str(marker), str(release))]))
     await wait_for_file(marker)
-    os.kill(child_pid(runner), signal.SIGUSR1)  # not via abandon(): nobody asked for it
-    outcome = await asyncio.wait_for(running, 5)
-    assert outcome.outcome == "crash"
+    pid = child_pid(runner)
+    os.kill(pid, signal.SIGUSR1)  # not via abandon(): nobody asked for it
+    release.touch()
+    outcome = await asyncio.wait_for(running, 30)
+    assert outcome.outcome == "ok"
+    assert child_pid(runner) == pid
+
+
+async def test_an_abandon_for_a_task_not_started_yet_is_exact(
+    runner: Runner, tmp_path: Path
+) -> None:
+    """Two tasks queued in one child; the second is abandoned while the first runs: it is
+    answered abandoned without running, the first finishes, and nobody is killed."""
+    project = make_project(MarkThenReturn)
+    runner._task_seconds[project.project_id] = 0.0001  # short tasks: both go to the child
+    first_mark, second_mark = tmp_path / "first", tmp_path / "second"
+    release = tmp_path / "release"
+    first = make_task(project, [(str(first_mark), str(release))])
+    second = make_task(project, [(str(second_mark), str(release))])
+    runs = [asyncio.create_task(run_task(runner, project, t)) for t in (first, second)]
+    await wait_for_file(first_mark)
+    pid = child_pid(runner)
+    assert runner.is_running(second.task_id, second.attempt)  # sent to the child, queued
+    assert runner.abandon(second.task_id)
+    release.touch()
+    first_outcome, second_outcome = await asyncio.wait_for(asyncio.gather(*runs), 30)
+    assert (first_outcome.outcome, second_outcome.outcome) == ("ok", "abandoned")
+    assert not second_mark.exists()  # it never ran
+    assert child_pid(runner) == pid  # and no child was killed for it
+    again = await run(runner, project, [(str(tmp_path / "third"), str(release))])
+    assert again.outcome == "ok"
+
+
+async def test_a_recall_leaves_a_started_task_running(runner: Runner, tmp_path: Path) -> None:
+    project = make_project(MarkThenReturn)
+    runner._task_seconds[project.project_id] = 0.0001
+    first_mark, second_mark = tmp_path / "first", tmp_path / "second"
+    release = tmp_path / "release"
+    first = make_task(project, [(str(first_mark), str(release))])
+    second = make_task(project, [(str(second_mark), str(release))])
+    runs = [asyncio.create_task(run_task(runner, project, t)) for t in (first, second)]
+    await wait_for_file(first_mark)
+    runner.abandon(first.task_id, started=False)  # running: it stays
+    runner.abandon(second.task_id, started=False)  # queued: it goes
+    release.touch()
+    first_outcome, second_outcome = await asyncio.wait_for(asyncio.gather(*runs), 30)
+    assert (first_outcome.outcome, second_outcome.outcome) == ("ok", "abandoned")
+    assert not second_mark.exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,12 +21,14 @@ from dcproto.server.scheduler import (
     DEFAULT_MAX_SLOTS,
     MAX_HELD_PER_SLOT,
     MIN_WINDOW,
+    PREFETCH_MARGIN,
     TASK_TIME_GRACE,
     TASK_TRANSITIONS,
     AbandonTasks,
     Action,
     CreditExceeded,
     Incident,
+    RecallTasks,
     Scheduler,
     SendProject,
     SendTask,
@@ -98,6 +100,8 @@ def valid(actions: list[Action]) -> list[Action]:
             p.encode(action.message)
         elif isinstance(action, AbandonTasks):
             p.encode(p.Abandon(task_ids=action.task_ids))
+        elif isinstance(action, RecallTasks):
+            p.encode(p.Recall(task_ids=action.task_ids))
         else:
             assert isinstance(action, StoreTasks), action
             for task_id, seq, items, n_items in action.tasks:
@@ -154,17 +158,31 @@ def join(
     worker_id: str,
     *,
     credit: int = 0,
-    slots: int = 1,
+    slots: int | None = None,
     now: float = 0.0,
     device: str | None = None,
 ) -> list[Action]:
-    """Worker ``worker_id`` joins (as device ``dev-<worker_id>`` unless told otherwise)."""
+    """Worker ``worker_id`` joins (as device ``dev-<worker_id>`` unless told otherwise), with
+    a slot per unit of credit unless told otherwise: a worker gets tasks beyond its slots only
+    once the times that size its prefetch are measured (see ``measured``)."""
+    slots = max(1, credit) if slots is None else slots
     actions = s.add_worker(
         worker_id, device_id=device or f"dev-{worker_id}", name=worker_id, slots=slots, now=now
     )
     if credit:
         actions += s.worker_credit(worker_id, credit, now)
     return valid(actions)
+
+
+def measured(s: Scheduler, worker_id: str, project_id: str = "P", per_slot: int = 1) -> None:
+    """As if the project's task time and the worker's round trip were measured so that the
+    worker should hold ``per_slot`` tasks per slot beyond the ones it runs."""
+    s.projects[project_id].task_seconds = 1.0
+    worker = s.workers[worker_id]
+    worker.rtt = (per_slot - 0.5) / PREFETCH_MARGIN
+    assert s._prefetch_per_slot(worker, s.projects[project_id]) == per_slot
+    worker.prefetch = worker.slots * per_slot
+    s._refresh(worker)
 
 
 def add(
@@ -226,6 +244,10 @@ def test_normalize_options_defaults_and_unknown_keys() -> None:
         {"max_attempts": "3"},
         {"errors": "ignore"},
         {"errors": None},
+        {"lease_timeout": 0.5},  # too short to be renewed by heartbeats
+        {"max_reissues": 0},
+        {"max_reissues": 1.5},
+        {"max_reissues": True},
     ],
 )
 def test_normalize_options_rejects_bad_values(options: dict[str, Any]) -> None:
@@ -260,8 +282,8 @@ def test_normalize_options_rejects_nan_inf_and_bool_timeouts(options: dict[str, 
 
 
 def test_normalize_options_accepts_finite_int_and_float_timeouts() -> None:
-    merged = normalize_options({"lease_timeout": 0.5, "task_timeout": 7})
-    assert (merged["lease_timeout"], merged["task_timeout"]) == (0.5, 7)
+    merged = normalize_options({"lease_timeout": 1.5, "task_timeout": 7})
+    assert (merged["lease_timeout"], merged["task_timeout"]) == (1.5, 7)
     assert normalize_options({"task_timeout": None})["task_timeout"] is None
 
 
@@ -321,7 +343,7 @@ def test_send_project_once_per_worker_per_project_before_first_task() -> None:
     new_project(s, "P")
     new_project(s, "Q")
     add(s, "P", range(3))
-    actions = join(s, "A", credit=3)
+    actions = join(s, "A", credit=3, slots=5)
     assert isinstance(actions[0], SendProject)
     assert actions[0] == SendProject("A", s.projects["P"].message)
     assert [type(a) for a in actions] == [SendProject, SendTask, SendTask, SendTask]
@@ -452,6 +474,7 @@ def test_end_then_last_result_finishes_done_with_stats() -> None:
         "items_done": 4,
         "items_kept": 1,
         "tasks_reissued": 0,
+        "tasks_recalled": 0,
         "duplicates_dropped": 0,
         "forged_results_dropped": 0,
         "tasks_overdue": 0,
@@ -514,11 +537,13 @@ def test_earlier_attempt_from_the_same_worker_wins() -> None:
     assert s.next_deadline() is None
     assert s.projects["P"].tasks_done == 1
     assert s.projects["P"].duplicates_dropped == 0
-    # A answers the withdrawn attempt 2: "abandoned" is not a duplicate, "ok" is
+    # A answers the withdrawn attempt 2: "abandoned" is not a duplicate
     assert answer(s, new, "abandoned", now=5.0, credit=0, payload=b"") == []
     assert s.projects["P"].duplicates_dropped == 0
+    # an attempt is answered once: a second answer to it is a replay, dropped as forged
     assert answer(s, new, now=5.1, credit=0) == []
-    assert s.projects["P"].duplicates_dropped == 1
+    assert s.projects["P"].duplicates_dropped == 0
+    assert s.forged_results_dropped == 1
     assert s.projects["P"].tasks_done == 1
 
 
@@ -657,12 +682,21 @@ def test_late_result_for_a_finished_task_is_a_counted_duplicate() -> None:
     assert sent(actions) == [("A", 2, 1)]  # the result was a sign of life: A is not suspect
     assert s.projects["P"].tasks_done == 1
     assert s.projects["P"].duplicates_dropped == 1
-    # any outcome but "abandoned" counts
+    # the attempt was answered: answering it again is a replay, dropped as forged
     answer(s, old, "crash", now=5.1, credit=0)
-    assert s.projects["P"].duplicates_dropped == 2
-    answer(s, old, "abandoned", now=5.2, credit=0, payload=b"")
-    assert s.projects["P"].duplicates_dropped == 2
+    assert s.projects["P"].duplicates_dropped == 1
+    assert s.forged_results_dropped == 1
     assert s.projects["P"].tasks_done == 1
+
+
+@pytest.mark.parametrize("outcome", ["ok", "stop", "error", "crash", "timeout", "abandoned"])
+def test_a_late_answer_counts_as_a_duplicate_unless_it_gives_the_task_back(outcome: str) -> None:
+    s, old = expired_setup()
+    (send_b,) = sends(s.worker_credit("B", 1, 3.5))
+    one(answer(s, send_b, now=4.0, credit=0), p.TaskDone)
+    answer(s, old, outcome, now=5.0, credit=0)
+    assert s.projects["P"].duplicates_dropped == (0 if outcome == "abandoned" else 1)
+    assert s.forged_results_dropped == 0
 
 
 def test_abandoned_answer_to_a_stale_attempt_is_not_a_duplicate() -> None:
@@ -972,7 +1006,7 @@ def test_remove_worker_requeues_its_tasks_at_the_front() -> None:
     new_project(s)
     add(s, "P", range(3))
     assert sent(join(s, "A", credit=2, slots=20)) == [("A", 1, 1), ("A", 2, 1)]
-    join(s, "B")
+    join(s, "B", slots=3)
     actions = s.remove_worker("A", 1.0)
     assert actions == []
     assert s.projects["P"].tasks_reissued == 2
@@ -1315,8 +1349,10 @@ def test_add_tasks_reduces_credit_and_more_tops_the_window_up() -> None:
     assert add(s, "P", range(10)) == []
     assert project.credit_outstanding == MIN_WINDOW - 10
     join(s, "A", slots=1)
-    actions = s.worker_credit("A", 7, 1.0)
-    assert len(sends(actions)) == 7
+    s.worker_credit("A", 1, 1.0)
+    measured(s, "A", per_slot=p.MAX_PREFETCH_PER_SLOT)
+    actions = s.worker_credit("A", 6, 1.0)
+    assert len(sends(actions)) == 6
     assert creator_msgs(actions) == []  # deficit 7 < window / 4
     actions = s.worker_credit("A", 1, 1.0)
     assert len(sends(actions)) == 1
@@ -1327,7 +1363,7 @@ def test_add_tasks_reduces_credit_and_more_tops_the_window_up() -> None:
     assert project.credit_outstanding == 0
     s.end_tasks(CREATOR, make_end("P", 40), 2.0)
     actions = s.worker_credit("A", 50, 3.0)
-    assert len(sends(actions)) == 25  # A holds 8: one slot takes at most 33 in all
+    assert len(sends(actions)) == 32  # all that is left
     assert creator_msgs(actions, p.More) == []  # no More after End
 
 
@@ -1391,7 +1427,7 @@ def test_only_the_expired_worker_becomes_suspect() -> None:
     new_project(s, lease_timeout=2)
     add(s, "P", range(4))
     join(s, "A", credit=1, now=0.0)
-    join(s, "B", credit=2, now=1.0)
+    join(s, "B", credit=2, slots=3, now=1.0)
     assert s.tick(2.5) == [AbandonTasks("A", [1])]
     assert s.workers["A"].suspect and not s.workers["B"].suspect
     assert sent(s.worker_credit("B", 1, 2.6)) == [("B", 1, 2)]
@@ -1528,9 +1564,11 @@ def test_forged_results_for_every_task_id_leave_the_project_exact() -> None:
         for outcome in ("ok", "stop", "error"):
             assert answer(s, forged_send("M", task_id), outcome, now=2.0, credit=0) == []
     project = s.projects["P"]
-    # task 1 finished, 2 leased to A, 3 and 4 queued: dropped and counted; the other ids were
-    # never issued: dropped
-    assert project.forged_results_dropped == s.forged_results_dropped == 4 * 3
+    # task 1 finished, 2 leased to A, 3 and 4 queued: dropped and counted (by the project
+    # only while the task is open: a finished task's project is not remembered); the other
+    # ids were never issued: dropped
+    assert project.forged_results_dropped == 3 * 3
+    assert s.forged_results_dropped == 4 * 3
     assert s.take_incidents() == [Incident("M", "M", "forged_results", 12)]
     assert (project.duplicates_dropped, project.tasks_done, project.status) == (0, 1, "running")
     assert list(project.queue) == [3, 4]
@@ -1546,7 +1584,7 @@ def test_forged_results_for_every_task_id_leave_the_project_exact() -> None:
     assert finished.status == "done"
     assert seqs == [0, 1, 2, 3]
     assert finished.stats["tasks_done"] == 4
-    assert finished.stats["forged_results_dropped"] == 12
+    assert finished.stats["forged_results_dropped"] == 9
     assert finished.stats["per_worker"] == {"A": 4}
 
 
@@ -1565,7 +1603,9 @@ def test_an_earlier_leaseholder_still_wins_after_a_reissue_but_nobody_else() -> 
     assert answer(s, send_b, now=4.5, credit=0) == []
     assert answer(s, forged, now=4.6, credit=0) == []
     project = s.projects["P"]
-    assert (project.duplicates_dropped, project.forged_results_dropped) == (1, 2)
+    # (the second forged answer came once the task was finished: counted by the server only)
+    assert (project.duplicates_dropped, project.forged_results_dropped) == (1, 1)
+    assert s.forged_results_dropped == 2
     assert project.tasks_done == 1
 
 
@@ -1626,10 +1666,13 @@ def test_worker_credit_beyond_what_its_slots_can_hold_is_ignored() -> None:
         assert s.worker_credit("A", p.MAX_CREDIT, 0.0) == []
     worker = s.workers["A"]
     assert worker.credit == cap
-    assert worker.capacity == s._total_capacity == cap
     new_project(s)
-    tasks = sends(add(s, "P", range(100)))
+    measured(s, "A", per_slot=p.MAX_PREFETCH_PER_SLOT)
+    s._refresh(worker)
+    s.projects["P"].credit_outstanding = cap + 10
+    tasks = sends(add(s, "P", range(cap + 10)))
     assert len(tasks) == cap
+    assert worker.capacity == s._total_capacity == cap
     assert (worker.credit, len(worker.leased)) == (0, cap)
     # an answer's credit replaces the task it answers, in full; anything above is ignored
     assert sent(answer(s, tasks[0], credit=1)) == [("A", cap + 1, 1)]
@@ -1892,6 +1935,7 @@ def test_a_task_held_past_its_time_limit_is_reissued_whatever_the_heartbeats() -
     (send_b,) = sends(s.worker_credit("B", 1, limit + 1.5))
     assert (send_b.worker_id, send_b.message.task_id, send_b.message.attempt) == ("B", 1, 2)
     # an answer to a task it held does
+    measured(s, "A", per_slot=1)
     actions = answer(s, send_a, "abandoned", now=limit + 2, credit=0, payload=b"")
     assert sent(actions) == [("A", 2, 1), ("A", 3, 1)]
     assert not s.workers["A"].overdue
@@ -1903,7 +1947,9 @@ def test_a_task_waiting_behind_another_starts_its_clock_when_a_slot_frees() -> N
     s = Scheduler()
     new_project(s, task_timeout=10, lease_timeout=1000)
     add(s, "P", range(3))
-    first, _, _ = sends(join(s, "A", credit=3, slots=2))
+    first, _ = sends(join(s, "A", credit=3, slots=2))
+    measured(s, "A", per_slot=1)
+    assert sent(s.worker_credit("A", 1, 0.0)) == [("A", 3, 1)]
     limit = 10 + TASK_TIME_GRACE
     assert [s.tasks[t].run_deadline for t in (1, 2, 3)] == [limit, limit, None]
     assert s.workers["A"].waiting == {3: None}

@@ -83,6 +83,16 @@ TASK_TRANSITIONS: dict[tuple[TaskState, str], TaskState] = {
 }
 
 MIN_WINDOW = p.INITIAL_CREDIT  # queued tasks per project accepted even with no worker yet
+# A worker holds, per slot, the tasks it runs in about PREFETCH_MARGIN of its round trips
+# (the bandwidth-delay product): enough that a slot never waits for its next task to travel.
+PREFETCH_MARGIN = 1.5
+# Below this round trip / task time ratio a slot idles at most this share of its time between
+# two tasks, and holds nothing beyond the task it runs: queued work stays free for any worker.
+NO_PREFETCH_RATIO = 0.05
+TASK_TIME_WEIGHT = 0.2  # of a new sample in a project's moving average of task time
+RTT_RISE = 0.1  # a worker's round trip estimate falls to a lower sample at once, rises slowly
+MAX_OWED = 1 << 16  # tasks taken from one device whose late answers are still recognised
+STEAL_SCAN = 32  # workers looked at for the one holding the most unstarted tasks
 DEFAULT_MAX_SLOTS = 256  # slots one worker is credited with, whatever it announces
 DEFAULT_MAX_TASK_TIME = 24 * 3600.0  # seconds a started task may stay unanswered
 TASK_TIME_GRACE = 5.0  # seconds past task_timeout for the worker's kill and its answer
@@ -135,6 +145,14 @@ class AbandonTasks:
 
 
 @dataclass(frozen=True, slots=True)
+class RecallTasks:
+    """Give these tasks back if not started yet: another worker got them."""
+
+    worker_id: str
+    task_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class StoreTasks:
     """Tasks the creator sent, to be made durable: (task_id, seq, items, n_items)."""
 
@@ -153,15 +171,15 @@ class ToCreator:
     message: p.Message
 
 
-Action = SendProject | SendTask | AbandonTasks | StoreTasks | ToCreator
+Action = SendProject | SendTask | AbandonTasks | RecallTasks | StoreTasks | ToCreator
 
 
 @dataclass(frozen=True, slots=True)
 class Incident:
     """Something a worker did wrong ``count`` times since the last report, for the server's
     log (see :meth:`Scheduler.take_incidents`). ``kind`` is ``forged_results`` (results for
-    tasks it does not hold, dropped) or ``overdue_tasks`` (tasks held past their time limit,
-    re-issued)."""
+    tasks it does not hold, dropped), ``overdue_tasks`` (tasks held past their time limit,
+    re-issued) or ``expired_leases`` (tasks re-issued after lease_timeout of silence)."""
 
     worker_id: str
     name: str
@@ -187,6 +205,8 @@ class TaskRecord:
     sent: list[float] = field(default_factory=list)  # when each attempt was sent
     holders: tuple[str, ...] = ()  # device ids it was leased to, in any attempt
     run_deadline: float | None = None  # the current attempt has started: answer by then
+    reissues: int = 0  # times it went back to the queue unanswered (see max_reissues)
+    reissued_because: str = ""  # the latest of those reasons, for the error if they run out
 
     @property
     def sent_at(self) -> float:
@@ -214,6 +234,7 @@ class ProjectRecord:
     items_done: int = 0
     items_kept: int = 0
     tasks_reissued: int = 0
+    tasks_recalled: int = 0  # unstarted tasks moved from a busy worker to an idle one
     duplicates_dropped: int = 0
     forged_results_dropped: int = 0  # results from workers that never held the task
     tasks_overdue: int = 0  # started tasks not answered within task_time_limit
@@ -223,6 +244,7 @@ class ProjectRecord:
     first_started_at: float | None = None
     finished_at: float | None = None
     unrunnable_noticed: bool = False
+    task_seconds: float | None = None  # moving average of a slot's time per task
 
     def has_queued(self) -> bool:
         return bool(self.queue or self.retries)
@@ -242,11 +264,17 @@ class WorkerRecord:
     loaded: set[str] = field(default_factory=set)
     suspect: bool = False  # a lease expired: no new tasks until the worker shows life
     overdue: bool = False  # held a task too long: no new tasks until it answers one
-    capacity: int = 0  # the most tasks it has held or been able to take at once
+    capacity: int = 0  # the most tasks it has held at once
+    rtt: float | None = None  # round trip to it, without the time it held a task
+    prefetch: int = 0  # tasks it may hold beyond its slots, from its latest result
 
     @property
     def blocked(self) -> bool:
         return self.suspect or self.overdue
+
+    @property
+    def running(self) -> int:
+        return len(self.leased) - len(self.waiting)
 
 
 class Scheduler:
@@ -274,15 +302,19 @@ class Scheduler:
         self.projects: dict[str, ProjectRecord] = {}
         self.tasks: dict[int, TaskRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
-        # finished tasks of live projects -> (project, leaseholders), so that late duplicates
-        # are still recognised, and told apart from forged results
-        self._finished_tasks: dict[int, tuple[str, tuple[str, ...]]] = {}
+        # device id -> (task, attempt) taken from it unanswered -> project: its late answers are
+        # recognised (and told apart from forged results) whatever became of the task, in
+        # memory that grows with tasks in flight, never with tasks finished
+        self._owed: dict[str, OrderedDict[tuple[int, int], str]] = {}
+        self._waiting_workers: dict[str, None] = {}  # workers holding unstarted tasks
+        self._exhausted: list[TaskRecord] = []  # tasks past max_reissues, failed at _flush
         # server-wide counts, and what the server has not logged yet: (worker, kind) -> Incident
         self.forged_results_dropped = 0
         self.tasks_overdue = 0
         self._incidents: dict[tuple[str, str], Incident] = {}
         self._freed: set[str] = set()  # workers that may start a waiting task
-        self._ready: OrderedDict[str, None] = OrderedDict()  # workers with credit > 0
+        # workers that may take a task now: not blocked, with credit, under their holding limit
+        self._ready: OrderedDict[str, None] = OrderedDict()
         self._active: deque[str] = deque()  # running projects with queued tasks, in turn
         self._next_task_id = 1
         self._total_slots = 0
@@ -319,13 +351,22 @@ class Scheduler:
     def _revive(self, worker: WorkerRecord) -> None:
         """A sign of life from a suspect worker: it may take tasks again (unless overdue)."""
         worker.suspect = False
-        if worker.credit > 0 and not worker.overdue:
-            self._ready[worker.worker_id] = None
+        self._refresh(worker)
 
     def _answered(self, worker: WorkerRecord) -> None:
         """An answer to a task it holds or held: an overdue worker may take tasks again."""
         worker.overdue = False
-        if worker.credit > 0 and not worker.suspect:
+        self._refresh(worker)
+
+    def _refresh(self, worker: WorkerRecord) -> None:
+        """Whether the worker may be offered a task now."""
+        if (
+            worker.blocked
+            or worker.credit <= 0
+            or len(worker.leased) >= worker.slots + worker.prefetch
+        ):
+            self._ready.pop(worker.worker_id, None)
+        elif worker.worker_id in self.workers:
             self._ready[worker.worker_id] = None
 
     def worker_credit(self, worker_id: str, credit: int, now: float) -> list[Action]:
@@ -341,10 +382,13 @@ class Scheduler:
         if worker is None:
             return []
         self._ready.pop(worker_id, None)
+        self._waiting_workers.pop(worker_id, None)
         self._total_slots -= worker.slots
         self._total_capacity -= worker.capacity
         for task_id in list(worker.leased):
-            self._requeue(self.tasks[task_id], reissue=True)
+            task = self.tasks[task_id]
+            self._owe(worker, task)  # it may deliver after it reconnects
+            self._requeue(task, reissue="its worker disconnected")
         worker.leased.clear()
         worker.waiting.clear()
         for project in list(self.projects.values()):
@@ -363,7 +407,7 @@ class Scheduler:
             return self._flush(now)
         project.rejected_by.add(worker.worker_id)
         for task_id in [t for t in worker.leased if self.tasks[t].project_id == project_id]:
-            self._requeue(self.tasks[task_id], reissue=False)
+            self._requeue(self.tasks[task_id])
             # the worker still answers each task (outcome abandoned), which returns its credit
         self._check_runnable(project, now, reason=reason)
         return self._flush(now)
@@ -383,16 +427,21 @@ class Scheduler:
         return self._flush(now)
 
     def _take_result(self, worker: WorkerRecord, result: p.Result, now: float) -> None:
+        owed = self._owed.get(worker.device_id)
+        key = (result.task_id, result.attempt)
+        owed_project = None if owed is None else owed.pop(key, None)
+        if owed is not None and not owed:
+            del self._owed[worker.device_id]
         task = self.tasks.get(result.task_id)
         if task is None:
-            finished = self._finished_tasks.get(result.task_id)
-            if finished is None:
-                return  # an id never issued, or of a forgotten project: nothing to tell
-            project_id, holders = finished
-            project = self.projects[project_id]  # _forget drops its finished tasks
-            if worker.device_id not in holders:
-                self._drop_forged(worker, project)
+            if owed_project is None:
+                # never held by this device (or so long ago it was forgotten): forged
+                if 0 < result.task_id <= self.last_task_id:
+                    self._drop_forged(worker, None)
                 return
+            project = self.projects.get(owed_project)
+            if project is None:
+                return  # of a forgotten project: nothing to tell
             self._answered(worker)
             if result.outcome != "abandoned":
                 project.duplicates_dropped += 1
@@ -410,6 +459,8 @@ class Scheduler:
         )
         if current:
             self._unlease(worker, task.task_id)
+            if result.outcome in ("ok", "stop"):
+                self._learn_times(worker, project, task, result, now)
         elif result.outcome in ("ok", "stop", "error"):
             self._take_back(task)
         else:
@@ -429,12 +480,12 @@ class Scheduler:
             self._finish(project, "failed", now, error=error)
         elif outcome == "load_error":
             message = (result.error or {}).get("message", "the project could not be loaded")
-            self._requeue(task, reissue=False)
+            self._requeue(task)
             project.rejected_by.add(worker_id)
             self._check_runnable(project, now, reason=message)
         elif outcome == "abandoned":
             # the worker gave the task back on its own (e.g. it is shutting down)
-            self._requeue(task, reissue=True)
+            self._requeue(task, reissue="its worker gave it back")
         else:  # crash or timeout: a failed attempt
             task.failures += 1
             task.failed_on.add(worker_id)
@@ -446,13 +497,56 @@ class Scheduler:
                 error.setdefault("message", f"task failed {task.failures} times ({outcome})")
                 self._finish(project, "failed", now, error=error)
             else:
-                self._requeue(task, reissue=True, retry=True)
+                self._requeue(task, retry=True)
 
-    def _drop_forged(self, worker: WorkerRecord, project: ProjectRecord) -> None:
-        """A result for a task this worker never held: count it, change nothing else."""
-        project.forged_results_dropped += 1
+    def _drop_forged(self, worker: WorkerRecord, project: ProjectRecord | None) -> None:
+        """A result for a task this worker never held: count it, change nothing else. The
+        project is known while the task is open; a finished task's is not kept."""
+        if project is not None:
+            project.forged_results_dropped += 1
         self.forged_results_dropped += 1
         self._incident(worker, "forged_results")
+
+    def _learn_times(
+        self,
+        worker: WorkerRecord,
+        project: ProjectRecord,
+        task: TaskRecord,
+        result: p.Result,
+        now: float,
+    ) -> None:
+        """Update the project's time per task and the worker's round trip from a result of
+        the current attempt, and so how many tasks the worker should hold. The worker's own
+        figures are bounded by what the server saw: a lie only changes its own share."""
+        round_trip = now - task.sent_at
+        held = result.stats.get("held")
+        service = result.stats.get("service")
+        if type(held) in (int, float) and 0 <= held <= round_trip:
+            sample = round_trip - held
+            previous = worker.rtt
+            worker.rtt = (
+                sample
+                if previous is None or sample < previous
+                else previous + RTT_RISE * (sample - previous)
+            )
+        if type(service) in (int, float) and 0 <= service <= round_trip:
+            previous = project.task_seconds
+            project.task_seconds = (
+                service if previous is None else previous + TASK_TIME_WEIGHT * (service - previous)
+            )
+        worker.prefetch = worker.slots * self._prefetch_per_slot(worker, project)
+
+    def _prefetch_per_slot(self, worker: WorkerRecord, project: ProjectRecord) -> int:
+        """Tasks of ``project`` the worker should hold per slot beyond the one it runs: what
+        the slot gets through in PREFETCH_MARGIN round trips. None until both are measured:
+        an unknown task may be long, and a task held is a task no idle worker can start."""
+        seconds, rtt = project.task_seconds, worker.rtt
+        if seconds is None or rtt is None:
+            return 0
+        ratio = rtt / max(seconds, 1e-6)
+        if ratio < NO_PREFETCH_RATIO:
+            return 0
+        return min(p.MAX_PREFETCH_PER_SLOT, math.ceil(PREFETCH_MARGIN * ratio))
 
     def _incident(self, worker: WorkerRecord, kind: str, count: int = 1) -> None:
         key = (worker.worker_id, kind)
@@ -676,6 +770,7 @@ class Scheduler:
                 # an honest worker kills a task at its time limit and answers: this one is
                 # stuck or stalling, so none of its tasks is left with it
                 lost = sorted(worker.leased)
+                reason = f"worker {worker.name!r} held a started task past its time limit"
                 for task_id in overdue:
                     self.projects[self.tasks[task_id].project_id].tasks_overdue += 1
                 self.tasks_overdue += len(overdue)
@@ -692,8 +787,10 @@ class Scheduler:
                     # the worker may be frozen, not dead: if it wakes it must drop these
                     # tasks, and it gets no new ones until it shows a sign of life
                     worker.suspect = True
+                    self._incident(worker, "expired_leases", len(lost))
+                reason = f"worker {worker.name!r} gave no sign of life within lease_timeout"
             for task_id in lost:
-                self._requeue(self.tasks[task_id], reissue=True)
+                self._requeue(self.tasks[task_id], reissue=reason)
             if lost:
                 self._actions.append(AbandonTasks(worker.worker_id, lost))
                 self._ready.pop(worker.worker_id, None)
@@ -730,16 +827,12 @@ class Scheduler:
         credit = min(credit, worker.slots * MAX_HELD_PER_SLOT - worker.credit - len(worker.leased))
         if credit > 0:
             worker.credit += credit
-            held = worker.credit + len(worker.leased)
-            if held > worker.capacity:
-                self._total_capacity += held - worker.capacity
-                worker.capacity = held
-            if not worker.blocked:
-                self._ready[worker.worker_id] = None
+            self._refresh(worker)
 
     def _window(self) -> int:
         """Queued tasks a project may have: between them, the projects still being fed hold
-        enough to refill every worker's prefetch twice. More would only add queueing delay."""
+        enough to refill every worker twice over what it has held at most (which grows with
+        the window while far workers ask for more). More would only add queueing delay."""
         feeding = sum(
             1
             for p in self.projects.values()
@@ -758,6 +851,16 @@ class Scheduler:
             task.run_deadline = None
         if worker.waiting:
             self._freed.add(worker.worker_id)
+        else:
+            self._waiting_workers.pop(worker.worker_id, None)
+        self._refresh(worker)
+
+    def _owe(self, worker: WorkerRecord, task: TaskRecord) -> None:
+        """``task`` was taken from ``worker`` before it answered: its answer may still come."""
+        owed = self._owed.setdefault(worker.device_id, OrderedDict())
+        owed[(task.task_id, task.attempt)] = task.project_id
+        if len(owed) > MAX_OWED:
+            owed.popitem(last=False)
 
     def _start_waiting(self, worker: WorkerRecord, now: float) -> None:
         """Start the worker's waiting tasks, oldest first, while it has free slots."""
@@ -766,11 +869,19 @@ class Scheduler:
             del worker.waiting[task_id]
             task = self.tasks[task_id]
             task.run_deadline = now + self.projects[task.project_id].task_time_limit
+        if worker.waiting:
+            self._waiting_workers[worker.worker_id] = None
+        else:
+            self._waiting_workers.pop(worker.worker_id, None)
 
-    def _requeue(self, task: TaskRecord, *, reissue: bool, retry: bool = False) -> None:
+    def _requeue(self, task: TaskRecord, *, reissue: str = "", retry: bool = False) -> None:
+        """Back to the queue. ``reissue``: why it went back unanswered (its worker vanished,
+        fell silent, held it too long or gave it back), which counts towards max_reissues."""
         project = self.projects[task.project_id]
         worker = self.workers.get(task.worker_id or "")
         if worker is not None:
+            if task.task_id in worker.leased:  # not answered: the answer may still come
+                self._owe(worker, task)
             self._unlease(worker, task.task_id)
         task.run_deadline = None
         project.leased.discard(task.task_id)
@@ -778,8 +889,13 @@ class Scheduler:
         task.worker_id = None
         if project.status != "running":
             return
-        if reissue:
+        if reissue or retry:
             project.tasks_reissued += 1
+        if reissue:
+            task.reissues += 1
+            task.reissued_because = reissue
+            if task.reissues >= project.options["max_reissues"]:
+                self._exhausted.append(task)
         if not project.has_queued():
             self._active.append(project.project_id)
         if retry:
@@ -831,7 +947,6 @@ class Scheduler:
         project.leased.discard(task.task_id)
         task.items = b""  # the payload is no longer needed; keep memory flat
         del self.tasks[task.task_id]
-        self._finished_tasks[task.task_id] = (project.project_id, task.holders)
 
     def _take_back(self, task: TaskRecord) -> None:
         """Withdraw a task from wherever it is (queue or another worker's lease), because a
@@ -840,6 +955,7 @@ class Scheduler:
         if task.state is TaskState.LEASED:
             holder = self.workers.get(task.worker_id or "")
             if holder is not None:
+                self._owe(holder, task)
                 self._unlease(holder, task.task_id)
                 self._actions.append(AbandonTasks(holder.worker_id, [task.task_id]))
             project.leased.discard(task.task_id)
@@ -875,6 +991,7 @@ class Scheduler:
             task = self.tasks[task_id]
             worker = self.workers.get(task.worker_id or "")
             if worker is not None:
+                self._owe(worker, task)
                 self._unlease(worker, task_id)
                 by_worker.setdefault(worker.worker_id, []).append(task_id)
         for worker_id, task_ids in by_worker.items():
@@ -899,9 +1016,11 @@ class Scheduler:
 
     def _forget(self, project_id: str) -> None:
         self.projects.pop(project_id, None)
-        self._finished_tasks = {
-            t: done for t, done in self._finished_tasks.items() if done[0] != project_id
-        }
+        for device_id, owed in list(self._owed.items()):
+            for key in [k for k, owner in owed.items() if owner == project_id]:
+                del owed[key]
+            if not owed:
+                del self._owed[device_id]
         for worker in self.workers.values():
             worker.loaded.discard(project_id)
 
@@ -914,6 +1033,7 @@ class Scheduler:
             "items_done": project.items_done,
             "items_kept": project.items_kept,
             "tasks_reissued": project.tasks_reissued,
+            "tasks_recalled": project.tasks_recalled,
             "duplicates_dropped": project.duplicates_dropped,
             "forged_results_dropped": project.forged_results_dropped,
             "tasks_overdue": project.tasks_overdue,
@@ -967,7 +1087,10 @@ class Scheduler:
                     )
                 )
 
-    def _next_task_for(self, worker: WorkerRecord) -> TaskRecord | None:
+    def _next_task_for(self, worker: WorkerRecord, *, prefetch: bool) -> TaskRecord | None:
+        """The next queued task for ``worker``, projects taken in turn. ``prefetch``: the
+        worker's slots are busy, so only a project whose tasks it should hold ahead (see
+        ``_prefetch_per_slot``) may give it one."""
         active = self._active
         for _ in range(len(active)):
             project_id = active[0]
@@ -977,6 +1100,10 @@ class Scheduler:
                 continue
             active.rotate(-1)
             if worker.worker_id in project.rejected_by:
+                continue
+            if prefetch and len(worker.waiting) >= worker.slots * self._prefetch_per_slot(
+                worker, project
+            ):
                 continue
             task_id = self._pick(project, worker)
             if not project.has_queued() and active and active[-1] == project_id:
@@ -1010,6 +1137,10 @@ class Scheduler:
         worker.waiting[task.task_id] = None
         self._start_waiting(worker, now)
         worker.credit -= 1
+        if len(worker.leased) > worker.capacity:
+            self._total_capacity += len(worker.leased) - worker.capacity
+            worker.capacity = len(worker.leased)
+        self._refresh(worker)
         project.leased.add(task.task_id)
         if project.first_started_at is None:
             project.first_started_at = now
@@ -1026,20 +1157,67 @@ class Scheduler:
         )
 
     def _dispatch(self, now: float) -> None:
-        # one task per ready worker per pass, so prefetching workers do not hog the queue
-        while self._ready and self._active:
+        """Free slots first, then what workers hold ahead; one task per worker per pass, so
+        no worker hogs the queue. A free slot with nothing queued takes an unstarted task
+        from the worker holding the most (prefetch hides a round trip; it does not claim
+        work). A worker with no project to prefetch from leaves the ready set until its next
+        event, so a pass costs only what can change."""
+        while self._ready and (self._active or self._waiting_workers):
             progressed = False
-            for worker_id in list(self._ready):
-                worker = self.workers[worker_id]
-                task = self._next_task_for(worker)
+            ready = [self.workers[w] for w in self._ready]
+            free = [w for w in ready if w.running < w.slots]
+            busy = [w for w in ready if w.running >= w.slots]
+            for worker in free:
+                if not worker.credit or worker.worker_id not in self._ready:
+                    continue
+                task = self._next_task_for(worker, prefetch=False) if self._active else None
                 if task is None:
+                    task = self._steal_for(worker)
+                if task is not None:
+                    self._lease(task, worker, now)
+                    progressed = True
+            for worker in busy:
+                if not worker.credit or worker.worker_id not in self._ready:
+                    continue
+                task = self._next_task_for(worker, prefetch=True) if self._active else None
+                if task is None:
+                    self._ready.pop(worker.worker_id, None)  # back at its next event
                     continue
                 self._lease(task, worker, now)
                 progressed = True
-                if worker.credit <= 0:
-                    del self._ready[worker_id]
             if not progressed:
                 break
+
+    def _steal_for(self, idle: WorkerRecord) -> TaskRecord | None:
+        """Take the last unstarted task (the one it would run last) from the worker holding
+        the most, for ``idle``'s free slot. The holder is told to give it back; if it had
+        started it after all, the first result wins and the other copy is abandoned."""
+        victim: WorkerRecord | None = None
+        for index, worker_id in enumerate(self._waiting_workers):
+            if index >= STEAL_SCAN:
+                break
+            worker = self.workers[worker_id]
+            if worker is not idle and (victim is None or len(worker.waiting) > len(victim.waiting)):
+                victim = worker
+        if victim is None:
+            return None
+        for position, task_id in enumerate(reversed(victim.waiting)):
+            task = self.tasks[task_id]
+            project = self.projects[task.project_id]
+            if idle.worker_id in project.rejected_by or idle.worker_id in task.failed_on:
+                continue
+            seconds = project.task_seconds
+            starts_in = (len(victim.waiting) - position) / victim.slots * (seconds or 0.0)
+            if seconds is not None and starts_in <= (idle.rtt or 0.0):
+                return None  # it starts where it is before it could reach the idle worker
+            self._owe(victim, task)
+            self._unlease(victim, task_id)
+            task.state = TaskState.QUEUED
+            task.worker_id = None
+            project.tasks_recalled += 1
+            self._actions.append(RecallTasks(victim.worker_id, [task_id]))
+            return task
+        return None
 
     def _flush(self, now: float) -> list[Action]:
         freed, self._freed = self._freed, set()
@@ -1047,6 +1225,19 @@ class Scheduler:
             worker = self.workers.get(worker_id)
             if worker is not None:
                 self._start_waiting(worker, now)
+        exhausted, self._exhausted = self._exhausted, []
+        for task in exhausted:
+            project = self.projects.get(task.project_id)
+            if project is not None and project.status == "running":
+                error = {
+                    "reason": "reissued",
+                    "message": (
+                        f"a task went back to the queue {task.reissues} times without an "
+                        f"answer (max_reissues); the last time because {task.reissued_because}"
+                    ),
+                    "attempts": task.attempt,
+                }
+                self._finish(project, "failed", now, error=error)
         self._dispatch(now)
         self._grant_creators()
         actions, self._actions = self._actions, []

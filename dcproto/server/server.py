@@ -703,6 +703,13 @@ class Server:
                     worker,
                     self.scheduler.forged_results_dropped,
                 )
+            elif incident.kind == "expired_leases":
+                log.warning(
+                    "worker %s gave no sign of life within its projects' lease_timeout: "
+                    "%d of its tasks were re-issued",
+                    worker,
+                    incident.count,
+                )
             else:
                 log.warning(
                     "worker %s held %d started tasks past their time limit: all its tasks "
@@ -1132,6 +1139,10 @@ class Server:
                     conn = self.workers.get(worker_id)
                     if conn is not None:
                         conn.send(p.Abandon(task_ids=task_ids))
+                case s.RecallTasks(worker_id, task_ids):
+                    conn = self.workers.get(worker_id)
+                    if conn is not None:
+                        conn.send(p.Recall(task_ids=task_ids))
                 case s.StoreTasks(project_id, tasks):
                     self.store.tasks_added(project_id, tasks)
                 case s.ToCreator(creator_id, message):

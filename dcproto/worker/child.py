@@ -6,15 +6,18 @@ and msgpack arrays:
 
 * ``["load", project_id, code, modules, parallel, stop, only_if, errors]`` -- no answer; a load
   failure is reported by the next ``run`` of that project as outcome ``load_error``.
-* ``["run", task_id, project_id, items]`` -> ``["done", task_id, outcome, payload, n_items,
-  n_kept, error, stats, files]``.
+* ``["run", task_id, attempt, project_id, items]`` -> ``["done", task_id, outcome, payload,
+  n_items, n_kept, error, stats, files]``.
 
 User code may write files into ``$DCPROTO_OUTPUT_DIR``, one directory for the child's life
 (the worker sets it); after each task whatever is there is sent back and the directory emptied.
 
-SIGUSR1 abandons the running task: the handler raises :class:`TaskAbandoned` only while user
-code is running, never while a frame is being read or written, and the task is answered with
-outcome ``abandoned`` (the worker uses the same path for timeouts).
+Abandoning: the worker writes (task_id, attempt) records to the abandon pipe (its read end's
+descriptor is the first argument), then sends SIGUSR1. The handler reads the pipe and raises
+:class:`TaskAbandoned` only if the running task is named and user code is running (never while
+a frame is read or written); a task named before it starts is answered ``abandoned`` without
+running. So a request is never lost between two tasks, and never hits the wrong task. Either
+way the answer's outcome is ``abandoned`` (the worker uses the same path for timeouts).
 """
 
 from __future__ import annotations
@@ -54,12 +57,45 @@ class TaskAbandoned(BaseException):
     user's ``except Exception`` does not swallow it)."""
 
 
-_abandonable = False
+_abandonable = False  # user code of the current task is running
+_current: tuple[int, int] | None = None  # the task being run
+_abandon_fd: int | None = None
+MAX_ABANDON_NAMES = 4096  # names of tasks the child has not reached yet
+_abandoned: dict[tuple[int, int], None] = {}
+_RECORD_SIZE = 12  # task_id: u64, attempt: u32, big-endian
+
+
+def _read_abandons() -> None:
+    """Take in the names on the abandon pipe (each write is one whole record)."""
+    if _abandon_fd is None:
+        return
+    while True:
+        try:
+            data = os.read(_abandon_fd, _RECORD_SIZE * 256)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            return
+        for offset in range(0, len(data) - _RECORD_SIZE + 1, _RECORD_SIZE):
+            key = (
+                int.from_bytes(data[offset : offset + 8], "big"),
+                int.from_bytes(data[offset + 8 : offset + 12], "big"),
+            )
+            _abandoned[key] = None
+        while len(_abandoned) > MAX_ABANDON_NAMES:
+            del _abandoned[next(iter(_abandoned))]
 
 
 def _on_abandon(signum: int, frame: Any) -> None:
-    if _abandonable:
+    _read_abandons()
+    if _abandonable and _current in _abandoned:
         raise TaskAbandoned
+
+
+def _is_abandoned(key: tuple[int, int]) -> bool:
+    """Whether ``key`` was named on the pipe (forgetting the name: it is answered now)."""
+    _read_abandons()
+    return _abandoned.pop(key, False) is None
 
 
 class LoadedProject:
@@ -182,6 +218,8 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
     files: list[list[Any]] = []
     try:
         _abandonable = True
+        if _current in _abandoned:  # named between the check before the task and now
+            raise TaskAbandoned
         items = pickle.loads(items_blob)
         parallel, stop, only_if = project.parallel, project.stop, project.only_if
         loop_started = time.perf_counter()
@@ -271,6 +309,10 @@ def _write_frame(fd: int, body: bytes) -> None:
 
 
 def main() -> None:
+    global _abandon_fd, _current
+    if len(sys.argv) > 1:
+        _abandon_fd = int(sys.argv[1])
+        os.set_blocking(_abandon_fd, False)
     # Keep the command channel private: user prints must not corrupt it.
     commands = _CommandReader(os.dup(0))
     answers = os.dup(1)
@@ -295,16 +337,21 @@ def main() -> None:
             while len(projects) > MAX_LOADED_PROJECTS:
                 projects.popitem(last=False)
         elif command[0] == "run":
-            _, task_id, project_id, items = command
+            _, task_id, attempt, project_id, items = command
             project = projects.get(project_id)
             # user code may have replaced the handler in an earlier task
             signal.signal(signal.SIGUSR1, _on_abandon)
             if project is not None:
                 projects.move_to_end(project_id)  # the runner mirrors this LRU order
-            if project is None:
+            _current = (task_id, attempt)
+            if _is_abandoned(_current):
+                answer = ["abandoned", b"", 0, 0, None, {}, []]
+            elif project is None:
                 answer = ["load_error", b"", 0, 0, {"message": "project not loaded"}, {}, []]
             else:
                 answer = run_task(project, items, output_dir)
+            _abandoned.pop(_current, None)  # answered: a late name for it is moot
+            _current = None
             body = msgpack.packb(["done", task_id, *answer], use_bin_type=True)
             with contextlib.suppress(BrokenPipeError):
                 _write_frame(answers, body)

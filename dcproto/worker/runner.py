@@ -5,10 +5,14 @@ tasks, which is loaded with the project's code the first time it runs one of tha
 tasks. A child holds one task at a time, except for short tasks with no time limit: then it is
 sent up to ``PIPELINE_DEPTH`` at once and runs them back to back, never waiting for the worker
 between two of them (and one write carries several). A child that dies mid-task yields outcome
-``crash`` and is replaced (the tasks queued behind it are handed back as ``abandoned``); a task
-over its time limit or abandoned gets SIGUSR1 (the child answers at once if user code is in
-Python) and, if the child does not answer within ``KILL_GRACE`` seconds, SIGKILL and a fresh
-child.
+``crash`` and is replaced (the tasks queued behind it are handed back as ``abandoned``).
+
+To abandon a task (or end one over its time limit) the runner writes its (task_id, attempt) to
+the child's abandon pipe, then sends SIGUSR1. The child reads the pipe whenever the signal
+comes and before it starts each task, so the request is never lost: the running task is
+interrupted if it is the one named (at once, if user code is in Python), a queued one is
+answered ``abandoned`` without running, and a signal that lands between two tasks harms
+neither. A child still on the task ``KILL_GRACE`` seconds later gets SIGKILL and is replaced.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import logging
 import os
 import shutil
 import signal
+import struct
 import sys
 import tempfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +43,7 @@ from .child import MAX_LOADED_PROJECTS
 log = logging.getLogger("dcproto.runner")
 
 KILL_GRACE = 1.0  # seconds a child gets to give up a task before it is killed
+ABANDON_RECORD = struct.Struct(">QI")  # (task_id, attempt) on the abandon pipe
 SPAWN_TIMEOUT = 30.0
 PIPELINE_DEPTH = 4  # tasks a child may hold at once, when they are short
 SHORT_TASK = 0.002  # seconds: a project whose tasks average less is pipelined
@@ -68,9 +75,12 @@ class Child:
         # the projects the child holds, in the child's own LRU order (see child.main)
         self.loaded: OrderedDict[str, None] = OrderedDict()
         # tasks sent and not answered, in the order the child runs them: the first is running
-        self.queue: OrderedDict[tuple[int, int], asyncio.Future[list[Any]]] = OrderedDict()
+        self.queue: OrderedDict[tuple[int, int], asyncio.Future[tuple[list[Any], float]]] = (
+            OrderedDict()
+        )
         self.reserved = 0  # tasks given to this child (sent or about to be)
-        self.stray_signal = False  # a SIGUSR1 may still hit a task it was not meant for
+        self.busy_since = 0.0  # when the child began its current task (see ``service``)
+        self._abandon_fd: int | None = None  # write end of the child's abandon pipe
         self._reader: asyncio.Task[None] | None = None
         self._starting: asyncio.Future[None] | None = None
         self.generation = 0
@@ -94,17 +104,28 @@ class Child:
             shutil.rmtree(self.output_dir, ignore_errors=True)  # what a dead child left
         self.generation += 1
         self.output_dir = self.workdir / f"child-{self.number}-{self.generation}"
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            "from dcproto.worker.child import main; main()",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=p.DEFAULT_MAX_FRAME * 2,
-            env={**child_environment(), OUTPUT_DIR_ENV: str(self.output_dir)},
-        )
+        self._close_abandon_pipe()
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)  # a record is 12 bytes: a full pipe drops it
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                "from dcproto.worker.child import main; main()",
+                str(read_end),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=p.DEFAULT_MAX_FRAME * 2,
+                env={**child_environment(), OUTPUT_DIR_ENV: str(self.output_dir)},
+                pass_fds=(read_end,),
+            )
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        self._abandon_fd = write_end
         self.loaded.clear()
-        self.stray_signal = False
         # a queue per process: whatever was sent to a process that died is failed by that
         # process's reader, even once a task has started the next process
         self.queue = OrderedDict()
@@ -114,10 +135,23 @@ class Child:
     def alive(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
+    def _close_abandon_pipe(self) -> None:
+        if self._abandon_fd is not None:
+            os.close(self._abandon_fd)
+            self._abandon_fd = None
+
+    def abandon(self, key: tuple[int, int]) -> None:
+        """Tell the child to give up ``key``, running or queued (see the module docstring)."""
+        if self._abandon_fd is None or not self.alive:
+            return
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._abandon_fd, ABANDON_RECORD.pack(*key))
+        self.signal(signal.SIGUSR1)
+
     async def _read_answers(
         self,
         process: asyncio.subprocess.Process,
-        queue: OrderedDict[tuple[int, int], asyncio.Future[list[Any]]],
+        queue: OrderedDict[tuple[int, int], asyncio.Future[tuple[list[Any], float]]],
     ) -> None:
         assert process.stdout is not None
         try:
@@ -128,8 +162,11 @@ class Child:
                 answer = msgpack.unpackb(body, raw=False)
                 if queue:  # answers come in the order the tasks were sent
                     _, future = queue.popitem(last=False)
+                    now = time.monotonic()
+                    # the child's time on this task: from when it could start it to its answer
+                    service, self.busy_since = now - self.busy_since, now
                     if not future.done():
-                        future.set_result(answer)
+                        future.set_result((answer, service))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         code = await process.wait()
@@ -138,6 +175,15 @@ class Child:
         for index, future in enumerate(lost):
             if not future.done():  # the first was running; the others never started
                 future.set_exception(ChildDied(code) if index == 0 else ChildGone())
+
+    def run(self, key: tuple[int, int], command: list[Any]) -> asyncio.Future[Any]:
+        """Send a run command; the future gets (answer, service seconds)."""
+        future: asyncio.Future[tuple[list[Any], float]] = asyncio.get_running_loop().create_future()
+        if not self.queue:
+            self.busy_since = time.monotonic()
+        self.queue[key] = future
+        self.send(command)
+        return future
 
     def send(self, command: list[Any]) -> None:
         assert self.process is not None and self.process.stdin is not None
@@ -157,6 +203,7 @@ class Child:
             self.signal(signal.SIGKILL)
         with contextlib.suppress(Exception):
             await self.process.wait()
+        self._close_abandon_pipe()
         if self._reader is not None:
             with contextlib.suppress(BaseException):
                 await self._reader
@@ -204,16 +251,22 @@ class Runner:
         await asyncio.gather(*(child.stop() for child in self._children))
         self._tmp.cleanup()
 
-    def abandon(self, task_id: int) -> bool:
-        """Ask the children holding ``task_id`` (any attempt) to give it up. False if none
-        does. A task still queued behind another in a child is not interrupted: it is short
-        (only short tasks are queued), and its answer is reported as abandoned."""
+    def abandon(self, task_id: int, *, started: bool = True) -> bool:
+        """Ask the children holding ``task_id`` (any attempt) to give it up: a queued one is
+        answered ``abandoned`` without running, a running one is interrupted. With
+        ``started=False`` (a recall) a task the child is already running is left to finish.
+        False if no child holds it."""
         keys = [key for key in self._running if key[0] == task_id]
         for key in keys:
-            self._abandoned.add(key)
             child = self._running[key]
             if child.running == key:
+                if not started:
+                    continue
+                self._abandoned.add(key)
                 self._give_up(child, key)
+            else:
+                self._abandoned.add(key)
+                child.abandon(key)
         return bool(keys)
 
     def is_running(self, task_id: int, attempt: int) -> bool:
@@ -306,22 +359,24 @@ class Runner:
                 child.loaded.popitem(last=False)
         child.loaded.move_to_end(project.project_id)
         key = (task.task_id, task.attempt)
-        answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        child.queue[key] = answer
         self._running[key] = child
-        child.send(["run", task.task_id, task.project_id, task.items])
+        answer = child.run(key, ["run", task.task_id, task.attempt, task.project_id, task.items])
         outcome = await self._answer(child, project, task, answer)
         if not child.alive and child.output_dir is not None:
             shutil.rmtree(child.output_dir, ignore_errors=True)  # it died before emptying it
         return outcome
 
     async def _answer(
-        self, child: Child, project: p.Project, task: p.Task, future: asyncio.Future[list[Any]]
+        self,
+        child: Child,
+        project: p.Project,
+        task: p.Task,
+        future: asyncio.Future[tuple[list[Any], float]],
     ) -> Outcome:
         key = (task.task_id, task.attempt)
         timeout = project.options.get("task_timeout")
         timed_out = False
-        answer: list[Any] | None
+        answer: tuple[list[Any], float] | None
         try:
             if timeout is None:
                 answer = await future
@@ -347,22 +402,20 @@ class Runner:
             )
         if answer is None:
             return Outcome("abandoned")
-        _, _, outcome, payload, n_items, n_kept, error, stats, files = answer
-        signalled = False
-        if outcome == "abandoned":  # a SIGUSR1 was taken: the one we sent, if we sent one
-            signalled, child.stray_signal = child.stray_signal, False
+        (_, _, outcome, payload, n_items, n_kept, error, stats, files), service = answer
         if key in self._abandoned:
             return Outcome("abandoned")  # even a late "ok" is not wanted any more
-        if outcome == "abandoned":
-            if signalled:  # meant for the task before this one, which had just finished
-                return Outcome("abandoned")
-            outcome = "crash"  # a stray signal; count it as a failed attempt, not a success
+        if outcome == "abandoned":  # the child gives a task up only when told to
+            outcome = "crash"
+            error = {"message": "the child gave up a task nobody abandoned"}
+        if isinstance(stats, dict):
+            stats["service"] = service
         return Outcome(outcome, payload, n_items, n_kept, error, stats, files)
 
     def _give_up(self, child: Child, key: tuple[int, int]) -> None:
-        """SIGUSR1 now; SIGKILL if the child is still on this task after KILL_GRACE."""
-        child.stray_signal = True
-        child.signal(signal.SIGUSR1)
+        """Tell the child to give up ``key`` now; SIGKILL if it is still on it after
+        KILL_GRACE (user code stuck outside Python)."""
+        child.abandon(key)
         answer = child.queue.get(key)
 
         def escalate() -> None:

@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,9 +40,10 @@ BACKOFF_START = 0.1
 BACKOFF_CAP = 5.0
 MAX_CACHED_PROJECTS = 64
 MAX_OUTBOX = 10_000  # results kept for delivery while disconnected
-PREFETCH_SECONDS = 0.02  # work to hold per slot beyond the running task, when adapting
-# the server ignores credit beyond slots * (1 + MAX_PREFETCH_PER_SLOT) held tasks
+# the server ignores credit beyond slots * (1 + MAX_PREFETCH_PER_SLOT) held tasks, and sizes
+# what it actually sends from the round trip and the task time (see docs/protocol.md)
 MAX_PREFETCH_PER_SLOT = p.MAX_PREFETCH_PER_SLOT
+LEASE_RENEWALS = 3  # frames sent per shortest lease held, at least
 
 
 @dataclass(kw_only=True)
@@ -51,7 +52,7 @@ class WorkerConfig:
     device_id: str | None = None
     name: str = ""
     slots: int = 0  # 0: one per CPU
-    prefetch: int | None = None  # tasks held beyond the slots; None: adapt to task length
+    prefetch: int | None = None  # tasks held beyond the slots at most; None: as the server sees fit
     max_tasks: int | None = None  # exit after this many finished tasks
     reconnect: bool = True
 
@@ -75,11 +76,10 @@ class Worker:
         self.config = config
         self.slots = config.slots or default_slots()
         self.prefetch = (
-            self.slots
+            self.slots * MAX_PREFETCH_PER_SLOT
             if config.prefetch is None
-            else min(config.prefetch, self.slots * MAX_PREFETCH_PER_SLOT)
+            else max(0, min(config.prefetch, self.slots * MAX_PREFETCH_PER_SLOT))
         )
-        self._task_seconds: float | None = None  # moving average of a task's execution time
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
         self.device_id = config.device_id
         self.completed = 0
@@ -88,6 +88,9 @@ class Worker:
         self._rejected: set[str] = set()
         # keyed by (task_id, attempt): a re-sent task may overlap its abandoned attempt
         self._tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._received: dict[tuple[int, int], float] = {}  # when each task arrived
+        # held tasks per project: their leases are renewed by our frames (see _renew_every)
+        self._held_projects: Counter[str] = Counter()
         self._stopping = asyncio.Event()
         self._unused_credit = 0  # granted this session, not yet used by a Task
         self._outbox: deque[p.Result] = deque(maxlen=MAX_OUTBOX)
@@ -196,11 +199,23 @@ class Worker:
 
         await keep_alive(
             interval,
+            renew_every=self._renew_every,
             last_sent=lambda: self._last_sent,
             last_received=lambda: self._last_received,
             heartbeat=lambda: self._send(p.Heartbeat()),
             abort=abort,
         )
+
+    def _renew_every(self) -> float | None:
+        """Seconds between our frames that keep the leases we hold alive: a fraction of the
+        shortest lease_timeout among the projects of our tasks (None if we hold none)."""
+        shortest = None
+        for project_id in self._held_projects:
+            project = self._projects.get(project_id)
+            lease = None if project is None else project.options.get("lease_timeout")
+            if isinstance(lease, int | float) and lease > 0:
+                shortest = lease if shortest is None else min(shortest, lease)
+        return None if shortest is None else shortest / LEASE_RENEWALS
 
     def _flush(self) -> None:
         if self._proto is None or self._writer is None:
@@ -227,17 +242,13 @@ class Worker:
     # ---- credit ----------------------------------------------------------------------------------
 
     def _wanted_credit(self) -> int:
-        """Credit to grant now: enough to hold slots + prefetch tasks, within ``max_tasks``."""
-        if self.config.prefetch is None and self._task_seconds is not None:
-            # hold about PREFETCH_SECONDS of work per slot: short tasks never leave a slot
-            # idle while the next one travels, long ones are not hoarded away from others
-            per_slot = int(PREFETCH_SECONDS / max(self._task_seconds, 1e-6))
-            self.prefetch = self.slots * min(MAX_PREFETCH_PER_SLOT, max(1, per_slot))
+        """Credit to grant now: enough to hold slots + prefetch tasks, never more than it can
+        still run under ``max_tasks``. The server sends only what hides the round trip."""
         held = len(self._tasks)
         want = self.slots + self.prefetch - held - self._unused_credit
         if self.config.max_tasks is not None:
             want = min(want, self.config.max_tasks - self.completed - held - self._unused_credit)
-        return max(0, want)
+        return max(0, min(want, p.MAX_CREDIT))
 
     def _top_up(self) -> None:
         credit = self._wanted_credit()
@@ -269,12 +280,16 @@ class Worker:
                     error = None if project else {"message": "Task before its Project"}
                     self._reply(message, Outcome(outcome, error=error))
                     return
-                self._tasks[(message.task_id, message.attempt)] = asyncio.create_task(
-                    self._run_task(project, message)
-                )
+                key = (message.task_id, message.attempt)
+                self._received[key] = time.monotonic()
+                self._held_projects[message.project_id] += 1
+                self._tasks[key] = asyncio.create_task(self._run_task(project, message))
             case p.Abandon():
                 for task_id in message.task_ids:
                     self._abandon(task_id)
+            case p.Recall():
+                for task_id in message.task_ids:
+                    self._abandon(task_id, started=False)
             case p.Goodbye() | p.Error():
                 log.info("server says: %s", message)
             case _:
@@ -290,15 +305,18 @@ class Worker:
             outcome = Outcome("crash", error={"message": f"worker error: {exc}"})
         finally:
             self._tasks.pop((task.task_id, task.attempt), None)
+            self._held_projects[task.project_id] -= 1
+            if self._held_projects[task.project_id] <= 0:
+                del self._held_projects[task.project_id]
         self._reply(task, outcome)
 
     def _reply(self, task: p.Task, outcome: Outcome) -> None:
         if outcome.outcome != "abandoned":
             self.completed += 1
-        spent = outcome.stats.get("exec")
-        if isinstance(spent, float):
-            previous = self._task_seconds
-            self._task_seconds = spent if previous is None else 0.8 * previous + 0.2 * spent
+        received = self._received.pop((task.task_id, task.attempt), None)
+        if received is not None and outcome.outcome in ("ok", "stop"):
+            # the server takes this from its round trip to learn the network's share
+            outcome.stats["held"] = time.monotonic() - received
         connected = self._proto is not None and self._proto.state is p.State.READY
         credit = self._wanted_credit() if connected else 0
         result = p.Result(
@@ -336,9 +354,10 @@ class Worker:
         if self.done and not self._tasks:
             self._stopping.set()
 
-    def _abandon(self, task_id: int) -> None:
-        """Give up every attempt of ``task_id`` held here, running or still waiting."""
-        self.runner.abandon(task_id)
+    def _abandon(self, task_id: int, *, started: bool = True) -> None:
+        """Give up every attempt of ``task_id`` held here, running or still waiting; with
+        ``started=False`` (a Recall) one a child has started runs on."""
+        self.runner.abandon(task_id, started=started)
         for (held_id, attempt), waiting in list(self._tasks.items()):
             if held_id == task_id and not self.runner.is_running(held_id, attempt):
                 waiting.cancel()  # still waiting for a child: drop it now
@@ -376,6 +395,15 @@ def resolve_target(
             insecure=insecure or user.insecure,
         )
         return endpoint, user.device_id, target
+    if ":" not in target and "." not in target and target.lower() != "localhost":
+        # most likely a mistyped alias, not a host: refuse rather than try it for ever
+        close = users.closest_name(target, known)
+        guess = f"did you mean {close!r}? " if close else ""
+        names = f"known users: {', '.join(known)}" if known else "no users are configured"
+        raise UsageError(
+            f"no user named {target!r}; {guess}({names}; file {users.config_path()}). "
+            f"For a host of that name, give its port: {target}:{users.DEFAULT_PORT}"
+        )
     host, port = users.parse_address(target)
     found = token or os.environ.get(TOKEN_ENV)
     if host in ("127.0.0.1", "localhost", "::1"):
@@ -398,29 +426,67 @@ def resolve_target(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcproto-worker", description="Run a dcproto worker.")
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..paths import default_state_dir
+    from ..users import DEFAULT_PORT
+
+    try:
+        number = version("dcproto")
+    except PackageNotFoundError:
+        from .. import __version__ as number
+    parser = argparse.ArgumentParser(
+        prog="dcproto-worker",
+        description="Run a dcproto worker. Without arguments: the interactive menu.",
+    )
+    parser.add_argument("--version", action="version", version=f"dcproto-worker {number}")
     sub = parser.add_subparsers(dest="command")
     connect = sub.add_parser("connect", help="connect to a server and run its tasks")
-    connect.add_argument("target", help="HOST[:PORT] or the name of a user (named server)")
-    connect.add_argument("--tasks", type=int, default=None, help="exit after N tasks")
-    connect.add_argument("--slots", type=int, default=0, help="tasks at once (default: CPUs)")
+    connect.add_argument(
+        "target",
+        help=f"HOST[:PORT] (default port: {DEFAULT_PORT}) or the name of a user (named "
+        "server: dcproto users list); a host name without a dot needs its :PORT",
+    )
+    connect.add_argument(
+        "--tasks", type=int, default=None, help="exit after N tasks (default: run until stopped)"
+    )
+    connect.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help=f"tasks at once (default: the number of CPUs, here {default_slots()})",
+    )
     connect.add_argument(
         "--prefetch",
         type=int,
         default=None,
         help="tasks held beyond the slots (default: adapts to task length)",
     )
+    local = default_state_dir()
     connect.add_argument(
-        "--token-file", type=Path, default=None, help=f"file holding the token (or ${TOKEN_ENV})"
+        "--token-file",
+        type=Path,
+        default=None,
+        help=f"file holding the token (default: the user's token, else ${TOKEN_ENV}, else for "
+        f"127.0.0.1/localhost the admin token of the server whose state dir is {local})",
     )
     connect.add_argument(
-        "--fingerprint", default=None, help="the server certificate's sha256 fingerprint"
+        "--fingerprint",
+        default=None,
+        help="the server certificate's sha256 fingerprint (default: the user's, else for "
+        f"127.0.0.1/localhost the one recorded in {local}, else the CA store verifies it)",
     )
     connect.add_argument(
-        "--insecure", action="store_true", help="plain TCP, for a server run with --insecure"
+        "--insecure",
+        action="store_true",
+        help="plain TCP, for a server run with --insecure (default: the user's setting)",
     )
-    connect.add_argument("--name", default="", help="name shown in stats and logs")
-    connect.add_argument("--log-level", default="INFO")
+    connect.add_argument(
+        "--name", default="", help="name shown in stats and logs (default: HOSTNAME:PID)"
+    )
+    connect.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default: INFO)"
+    )
     return parser
 
 
@@ -471,6 +537,19 @@ def main(argv: list[str] | None = None) -> int:
     except DcprotoError as exc:
         print(f"dcproto-worker: {exc}", file=sys.stderr)
         return 2
+    # a name that does not resolve would be retried for ever: refuse it now; a temporary
+    # failure (no DNS server reachable yet) is left to the reconnect loop
+    try:
+        socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if exc.errno != getattr(socket, "EAI_AGAIN", None):
+            print(
+                f"dcproto-worker: cannot resolve host {endpoint.host!r} "
+                f"(from {args.target!r}): {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
+        log.warning("cannot resolve %s yet (%s); will keep trying", endpoint.host, exc)
     config = WorkerConfig(
         endpoint=endpoint,
         device_id=device_id,
