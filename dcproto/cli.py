@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
 import sys
@@ -11,7 +12,8 @@ import time
 from pathlib import Path
 
 from . import users
-from .errors import DcprotoError, ProjectCancelled
+from .connection import Endpoint
+from .errors import DcprotoError
 from .paths import default_state_dir
 from .server.statedir import read_record
 from .trust.tls import normalize_fingerprint
@@ -56,20 +58,78 @@ def build_parser() -> argparse.ArgumentParser:
     projects = sub.add_parser("projects", help="projects on a server")
     projects_sub = projects.add_subparsers(dest="action", required=True)
     listing = projects_sub.add_parser("list", help="list the server's projects")
-    listing.add_argument("--user", required=True, help="the named server")
     results = projects_sub.add_parser(
         "results", help="wait for a project's results and write them to a directory"
     )
     results.add_argument("project_id")
-    results.add_argument("--user", required=True, help="the named server")
     results.add_argument("--out", default=None, help="results directory (default: ./ID)")
     results.add_argument("--timeout", type=float, default=None, help="seconds to wait")
     cancel = projects_sub.add_parser("cancel", help="cancel a running project")
     cancel.add_argument("project_id")
-    cancel.add_argument("--user", required=True, help="the named server")
+    for command in (listing, results, cancel):
+        _server_arguments(command)
     sub.add_parser("server", help="same as dcproto-server", add_help=False)
     sub.add_parser("worker", help="same as dcproto-worker", add_help=False)
     return parser
+
+
+def _server_arguments(command: argparse.ArgumentParser) -> None:
+    """Which server: a named one, or HOST[:PORT] as ``dcproto-worker connect`` takes it."""
+    command.add_argument(
+        "--user",
+        "--server",
+        dest="target",
+        required=True,
+        metavar="NAME|HOST[:PORT]",
+        help="a named server (dcproto users list), or the server's address",
+    )
+    command.add_argument(
+        "--token-file", type=Path, default=None, help=f"file holding the token (or ${TOKEN_ENV})"
+    )
+    command.add_argument(
+        "--fingerprint", default=None, help="the server certificate's sha256 fingerprint"
+    )
+    command.add_argument(
+        "--insecure", action="store_true", help="plain TCP, for a server run with --insecure"
+    )
+
+
+def _project_server(args: argparse.Namespace) -> tuple[Endpoint, str | None]:
+    """The server ``--user``/``--server`` names, with the same rules as ``dcproto-worker
+    connect``: a named server, else HOST[:PORT] with --token-file, $DCPROTO_TOKEN or, for a
+    server of this machine, its state dir."""
+    from .worker.worker import resolve_target
+
+    token = read_token_file(args.token_file) if args.token_file is not None else None
+    fingerprint = None if args.fingerprint is None else normalize_fingerprint(args.fingerprint)
+    endpoint, _, alias = resolve_target(
+        args.target, token=token, fingerprint=fingerprint, insecure=args.insecure
+    )
+    return endpoint, alias
+
+
+def format_projects(rows: list[dict[str, object]]) -> list[str]:
+    """``dcproto projects list``'s lines: a header, then one line per project. TASKS is
+    ``done/total tasks done``; ``?`` where the server does not say, and ``N+`` for a project
+    whose creator has sent N tasks so far but not all (not complete on the server)."""
+    lines = [("ID", "STATUS", "SUBMITTED", "TASKS", "NAME")]
+    for row in rows:
+        submitted = row.get("submitted_at")
+        when = (
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(submitted))
+            if isinstance(submitted, int | float)
+            else "?"
+        )
+        total, done = row.get("total_tasks"), row.get("tasks_done")
+        if done is None and row.get("status") == "done" and total is not None:
+            done = total  # a project is done when every one of its tasks is
+        total_text = f"{row.get('tasks_received', '?')}+" if total is None else str(total)
+        tasks = f"{'?' if done is None else done}/{total_text} tasks done"
+        lines.append(
+            (str(row.get("project_id")), str(row.get("status")), when, tasks, str(row.get("name")))
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(4)]
+    return ["  ".join([*(line[i].ljust(widths[i]) for i in range(4)), line[4]]) for line in lines]
 
 
 def _token_for_user(args: argparse.Namespace) -> str | None:
@@ -124,10 +184,10 @@ def users_command(args: argparse.Namespace) -> int:
 
 def projects_command(args: argparse.Namespace) -> int:
     from .creator.client import call, get_client
-    from .creator.creator import attach
+    from .creator.creator import attach, cancel_project
 
+    endpoint, user_name = _project_server(args)
     if args.action == "list":
-        endpoint = users.get_user(args.user).endpoint()
 
         async def listing() -> list[dict[str, object]]:
             client = await get_client(endpoint)
@@ -136,24 +196,46 @@ def projects_command(args: argparse.Namespace) -> int:
         rows = call(listing(), timeout=30)
         if not rows:
             print("no projects")
-        for row in rows:
-            submitted = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(row["submitted_at"])))
-            total = row.get("total_tasks")
-            tasks = f"{row.get('tasks_received')}/{total if total is not None else '?'} tasks"
-            print(f"{row['project_id']}  {row['status']:<9}  {submitted}  {tasks}  {row['name']}")
-        return 0
-    handle = attach(args.project_id, user_name=args.user, results_path=args.out or args.project_id)
-    if args.action == "cancel":
-        handle.cancel()
-        try:
-            handle.get_results(30)
-        except ProjectCancelled:
-            print(f"cancelled {args.project_id}")
             return 0
-        print(f"{args.project_id} had already finished")
+        for line in format_projects(rows):
+            print(line)
+        return 0
+    project_id = args.project_id
+    if args.action == "cancel":
+        try:
+            status, ended_before = cancel_project(
+                project_id, user_name=user_name, endpoint=endpoint, timeout=30
+            )
+        except TimeoutError:
+            print(f"dcproto: no answer to the cancel of {project_id} within 30 s", file=sys.stderr)
+            return 1
+        if not ended_before:
+            print(f"cancelled {project_id}")
+            return 0
+        print(
+            f"dcproto: {project_id} had already ended ({status}): nothing to cancel",
+            file=sys.stderr,
+        )
         return 1
-    results = handle.get_results(args.timeout)
-    print(f"{len(results)} results of {args.project_id} written to {args.out or args.project_id}/")
+    out = Path(args.out or project_id)
+    existed = out.exists()
+    try:
+        handle = attach(project_id, user_name=user_name, endpoint=endpoint, results_path=out)
+    except DcprotoError:
+        if not existed:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # made for the results, and still empty
+        raise
+    try:
+        results = handle.get_results(args.timeout)
+    except TimeoutError:
+        print(
+            f"dcproto: project {project_id} has not finished within {args.timeout:g} s; it goes "
+            "on on the server: run this again to wait for it",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{len(results)} results of {project_id} written to {out}/")
     return 0
 
 

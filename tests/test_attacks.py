@@ -591,7 +591,7 @@ def test_worker_token_cannot_submit(
     add_named_user(server, "admin-user", server.token)
     listing = run([*DCPROTO, "projects", "list", "--user", "admin-user"])
     assert listing.returncode == 0, listing.stderr
-    lines = listing.stdout.splitlines()
+    lines = listing.stdout.splitlines()[1:]  # below the header
     assert len(lines) == 1 and lines[0].startswith(project.project_id), listing.stdout
     rows = call(_list_projects(server.endpoint(server.token)), timeout=30)
     assert [(row["project_id"], row["owner"]) for row in rows] == [(project.project_id, "creator")]

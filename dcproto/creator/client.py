@@ -65,8 +65,16 @@ def _shutdown() -> None:
         for hook in reversed(_shutdown_hooks):
             with contextlib.suppress(Exception):
                 await hook()
+        # then end whatever is left (a project's feeder, a re-attach): a task still pending
+        # when the loop goes away is reported as "Task was destroyed but it is pending"
+        current = asyncio.current_task()
+        left = [task for task in asyncio.all_tasks() if task is not current]
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=5)
 
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(BaseException):
         asyncio.run_coroutine_threadsafe(run_hooks(), loop).result(timeout=10)
     loop.call_soon_threadsafe(loop.stop)
 
@@ -74,7 +82,13 @@ def _shutdown() -> None:
 def call(coro: Awaitable[T], timeout: float | None = None) -> T:
     """Run ``coro`` on the background loop and wait for it from this (non-loop) thread."""
     future = asyncio.run_coroutine_threadsafe(coro, background_loop())  # type: ignore[arg-type]
-    return future.result(timeout)
+    try:
+        return future.result(timeout)
+    except BaseException:
+        # timed out or interrupted: stop the coroutine too, or it would go on alone (holding
+        # what it holds, a lock of get_client say) and perhaps act after the caller gave up
+        future.cancel()
+        raise
 
 
 class ProjectListener(Protocol):
@@ -106,6 +120,7 @@ class CreatorClient:
         self.heartbeat_interval = 5.0
         self.connected = asyncio.Event()
         self.closed = False  # for good: no reconnect
+        self._closed_event = asyncio.Event()  # set with ``closed``: wakes wait_connected()
 
     async def connect(self) -> None:
         reader, writer, proto, welcome = await open_session(
@@ -271,12 +286,29 @@ class CreatorClient:
 
     def _give_up(self, error: ConnectionFailed) -> None:
         self.closed = True
+        self._closed_event.set()
         for listener in list(self.listeners.values()):
             listener.on_lost(error)
         self.listeners.clear()
 
+    async def wait_connected(self) -> bool:
+        """Wait until the connection is up again (True) or the client gave up (False)."""
+        if self.connected.is_set() or self.closed:
+            return not self.closed
+        waits = [
+            asyncio.create_task(self.connected.wait()),
+            asyncio.create_task(self._closed_event.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        return not self.closed
+
     async def close(self) -> None:
         self.closed = True
+        self._closed_event.set()
         self.flush()
         for task in self._tasks:
             task.cancel()
@@ -299,7 +331,9 @@ async def get_client(endpoint: Endpoint, *, reconnect_timeout: float = 300.0) ->
     async with lock:
         client = _clients.get(key)
         if client is not None and not client.closed and not client.connected.is_set():
-            await client.connected.wait()  # reconnecting: wait for it (bounded by its timeout)
+            # reconnecting: wait until it is back or gives up (bounded by its timeout); once
+            # it gave up, try afresh below: the error of that attempt, if any, is the caller's
+            await client.wait_connected()
         if client is None or client.closed:
             client = CreatorClient(endpoint, reconnect_timeout=reconnect_timeout)
             await client.connect()

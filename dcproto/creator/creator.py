@@ -14,11 +14,14 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import inspect
+import io
 import logging
 import pickle
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import types
+from collections import ChainMap
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,14 @@ from typing import Any
 import cloudpickle
 
 from .. import protocol as p
+from ..connection import Endpoint
 from ..errors import (
     ConfigurationError,
     ConnectionFailed,
+    ProjectCancelled,
+    ProjectError,
     SerializationError,
+    UsageError,
 )
 from ..options import normalize_options
 from .client import background_loop, call
@@ -65,7 +72,8 @@ class ProjectSpec:
     """Everything ``Distribute`` was told, checked."""
 
     user_name: str | None
-    iterator: Iterable[Any]
+    # an iterable, or a zero-argument callable making a fresh one for each Project()
+    iterator: Iterable[Any] | Callable[[], Iterable[Any]]
     task_size: int
     results_path: Path | None
     parallel_func: str
@@ -75,6 +83,13 @@ class ProjectSpec:
     options: dict[str, Any]
     local_workers: int | None
     reconnect_timeout: float = 300.0
+    endpoint: Endpoint | None = None  # a server given by address, not by user_name
+    # a handle by project id alone (no project class): it has no iterator to feed from
+    by_id: bool = False
+    # by id: attach also to a project whose creator had not sent all its items (to cancel
+    # it); else such a project is refused, untouched, since nothing here could finish it
+    allow_unfed: bool = False
+    release: bool = True  # tell the server to drop the results once they are here
 
 
 def _check_function(cls: type, name: str | None, role: str) -> None:
@@ -103,6 +118,10 @@ class Distribute:
     methods taking one item. With both stop and only-if, stop is tested first on every value
     (a truthy stop ends the project whatever only-if says); only-if then decides what is kept.
     ``user_name=None`` runs on an embedded local server with local worker processes.
+
+    ``iterator`` is any iterable, or a zero-argument callable that returns a fresh one for
+    each ``Project()`` (``iterator=lambda: my_generator()``). An iterator (a generator, say)
+    is used up by the first ``Project()``, so a second one is refused with UsageError.
 
     Beyond the original arguments: ``task_timeout`` (seconds per task in a worker),
     ``max_attempts`` (crashes or timeouts of a task before the project fails),
@@ -139,8 +158,11 @@ class Distribute:
     ) -> None:
         if iterator is None:
             raise ConfigurationError("Distribute needs an iterator (any iterable of items)")
-        if not isinstance(iterator, Iterable):
-            raise ConfigurationError(f"iterator must be iterable, not {type(iterator).__name__}")
+        if not isinstance(iterator, Iterable) and not callable(iterator):
+            raise ConfigurationError(
+                "iterator must be an iterable or a zero-argument callable returning one, "
+                f"not {type(iterator).__name__}"
+            )
         if type(task_size) is not int or task_size < 1:
             raise ConfigurationError(f"task_size must be an integer >= 1, not {task_size!r}")
         if isinstance(modules, str):
@@ -223,11 +245,37 @@ def shipped_by_value(cls: type, modules: Sequence[str]) -> Iterator[None]:
                 cloudpickle.unregister_pickle_by_value(module)
 
 
+_cloudpickle_code_reduce = cloudpickle.Pickler.dispatch_table[types.CodeType]
+_DYNAMIC_FILENAME = "<dynamic-code>"  # what cloudpickle puts in place of a code's file name
+
+
+def _code_reduce_keeping_filename(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, but with its real file name in place of
+    ``<dynamic-code>``, so that a traceback on a worker names the user's file (and, when the
+    file is there too, shows the line)."""
+    rebuild, args = _cloudpickle_code_reduce(code)
+    args = list(args)
+    for index, arg in enumerate(args):
+        if arg == _DYNAMIC_FILENAME and isinstance(arg, str):
+            args[index] = code.co_filename
+            break
+    return rebuild, tuple(args)
+
+
+class _ClassPickler(cloudpickle.Pickler):
+    dispatch_table = ChainMap(
+        {types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table
+    )
+
+
 def pickle_class(cls: type, modules: Sequence[str]) -> bytes:
-    """The class by value, unless workers are told to import its module."""
+    """The class by value, unless workers are told to import its module. Its functions keep
+    their file names (cloudpickle would say ``<dynamic-code>``), for remote tracebacks."""
     with shipped_by_value(cls, modules):
         try:
-            return cloudpickle.dumps(cls, protocol=pickle.HIGHEST_PROTOCOL)
+            buffer = io.BytesIO()
+            _ClassPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(cls)
+            return buffer.getvalue()
         except Exception as exc:
             raise SerializationError(
                 f"the project class {cls.__name__} cannot be pickled: {exc}"
@@ -248,24 +296,33 @@ class ProjectHandle:
     user_class: type
 
     def __init__(self, *, _attach_to: str | None = None) -> None:
-        spec = self._spec
-        self.name = self.user_class.__qualname__
+        # by id alone, the project's own name comes with the server's list of projects
+        by_id = self._spec.by_id and _attach_to is not None
+        self.name = _attach_to if by_id else self.user_class.__qualname__
+        iterable, taken = _iterable_for(self._spec, self.name)
+        self._spec = spec = dataclasses.replace(self._spec, iterator=iterable)
         self.project_id: str | None = None
         self.errors: list[dict[str, Any]] = []  # items skipped under errors="skip"
         self.notices: list[str] = []
         self.stats: dict[str, Any] = {}
-        self._writer = ResultsWriter(spec.results_path) if spec.results_path else None
-        self._future: concurrent.futures.Future[dict[Any, Any]] = concurrent.futures.Future()
-        if _attach_to is None:
-            self._run = ProjectRun(self, pickle_class(self.user_class, spec.modules))
-            starting = self._run.start()
-        else:
-            self._run = ProjectRun(self, b"")
-            starting = self._run.start_attached(_attach_to)
         try:
-            call(starting, timeout=60)
-        except concurrent.futures.TimeoutError:
-            raise ConnectionFailed("timed out reaching the server") from None
+            self._writer = ResultsWriter(spec.results_path) if spec.results_path else None
+            self._future: concurrent.futures.Future[dict[Any, Any]] = concurrent.futures.Future()
+            if _attach_to is None:
+                self._run = ProjectRun(self, pickle_class(self.user_class, spec.modules))
+                starting = self._run.start()
+            else:
+                self._run = ProjectRun(self, b"")
+                starting = self._run.start_attached(_attach_to)
+            try:
+                call(starting, timeout=60)
+            except concurrent.futures.TimeoutError:
+                raise ConnectionFailed("timed out reaching the server") from None
+        except BaseException:
+            _give_back(taken)  # nothing was taken from it: a later Project() may use it
+            raise
+        if self._run._feeder is None:
+            _give_back(taken)  # attached to a project that needs no feeding
 
     @classmethod
     def attach(
@@ -295,11 +352,40 @@ class ProjectHandle:
         return await asyncio.wrap_future(self._future)
 
     def get_results(self, timeout: float | None = None) -> dict[Any, Any]:
-        """Blocking form of :meth:`results`; raises TimeoutError after ``timeout`` seconds."""
+        """Blocking form of :meth:`results`; raises TimeoutError after ``timeout`` seconds.
+
+        Interrupted (Ctrl-C), it raises KeyboardInterrupt; left uncaught, that prints one line
+        saying where the project is (and how to get its results) instead of a traceback."""
         try:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"project {self.name} not finished after {timeout} s") from None
+        except KeyboardInterrupt as exc:
+            _mark_interrupt(exc, self._interrupted_text())
+            raise
+
+    def _interrupted_text(self) -> str:
+        spec, run = self._spec, self._run
+        if self.done():
+            return f"interrupted; project {self.name} had ended"
+        if spec.user_name is None and spec.endpoint is None:
+            return f"interrupted; project {self.name} ends with this process"
+        server = (
+            f"--server {spec.endpoint.host}:{spec.endpoint.port}"
+            if spec.endpoint is not None
+            else f"--user {spec.user_name}"
+        )
+        if run.total_tasks is not None or spec.by_id:
+            return (
+                f"interrupted; project {self.name} goes on on the server; its results: "
+                f"dcproto projects results {self.project_id} {server}"
+            )
+        return (
+            f"interrupted while project {self.name} was still sending its items; it waits "
+            f"on the server for the rest: {self.user_class.__qualname__}.attach("
+            f"{self.project_id!r}, user_name={spec.user_name!r}) sends them and waits for "
+            "the results"
+        )
 
     @property
     def progress(self) -> Progress:
@@ -325,10 +411,54 @@ class ProjectHandle:
 
 
 def attach(
-    project_id: str, *, user_name: str | None, results_path: str | Path | None = None
+    project_id: str,
+    *,
+    user_name: str | None = None,
+    results_path: str | Path | None = None,
+    endpoint: Endpoint | None = None,
 ) -> ProjectHandle:
-    """A handle on a project by id alone (no project class): it receives the project's results
-    but cannot feed tasks, so a project whose creator had not finished feeding it waits."""
+    """A handle on a project by id alone (no project class), on the named server
+    ``user_name`` or at ``endpoint``: it receives the project's results but cannot feed tasks.
+
+    A project whose creator had not sent all its items (no End on the server) is refused with
+    ProjectError, untouched: only that creator's class, with its iterator, can send the rest
+    (``TheClass.attach(project_id, user_name=...)``), so waiting here could never end."""
+    return _attach_by_id(project_id, user_name, endpoint, results_path)
+
+
+def cancel_project(
+    project_id: str,
+    *,
+    user_name: str | None = None,
+    endpoint: Endpoint | None = None,
+    timeout: float = 30.0,
+) -> tuple[str, bool]:
+    """Cancel a project by id, fed completely or not. Returns its final status and whether it
+    had ended before (then nothing is cancelled, and its results stay on the server)."""
+    handle = _attach_by_id(project_id, user_name, endpoint, None, allow_unfed=True, release=False)
+    run = handle._run
+    if run.attached_status != "running":  # ended already: nothing to cancel, nothing to fetch
+        background_loop().call_soon_threadsafe(run.detach)
+        return str(run.attached_status), True
+    handle.cancel()
+    try:
+        handle.get_results(timeout)
+    except ProjectCancelled:
+        return "cancelled", False
+    except ProjectError:
+        pass
+    return run.status, True  # it ended otherwise before the Cancel reached the server
+
+
+def _attach_by_id(
+    project_id: str,
+    user_name: str | None,
+    endpoint: Endpoint | None,
+    results_path: str | Path | None,
+    *,
+    allow_unfed: bool = False,
+    release: bool = True,
+) -> ProjectHandle:
     spec = ProjectSpec(
         user_name=user_name,
         iterator=(),
@@ -340,10 +470,79 @@ def attach(
         modules=(),
         options={},
         local_workers=None,
+        endpoint=endpoint,
+        by_id=True,
+        allow_unfed=allow_unfed,
+        release=release,
     )
     cls = type("Attached", (ProjectHandle,), {"_spec": spec, "user_class": _Attached})
-    return cls.attach(project_id)
+    handle = cls.__new__(cls)
+    ProjectHandle.__init__(handle, _attach_to=project_id)
+    return handle
 
 
 class _Attached:
     """Stands in for the project class of a project attached to by id."""
+
+
+# ---- iterators: one Project() each ---------------------------------------------------------------
+
+_taken_lock = threading.Lock()
+# id -> the iterator a Project() feeds from; kept referenced so that its id stays its own
+_taken: dict[int, Any] = {}
+
+
+def _iterable_for(spec: ProjectSpec, name: str) -> tuple[Iterable[Any], int | None]:
+    """The iterable one Project() feeds from, and the id under which it was taken (an
+    iterator can be used up only once: a second Project() of it would run on nothing)."""
+    source: Any = spec.iterator
+    if not isinstance(source, Iterable) and callable(source):
+        try:
+            source = source()
+        except Exception as exc:
+            raise ConfigurationError(f"the iterator function of {name} raised {exc!r}") from exc
+        if not isinstance(source, Iterable):
+            raise ConfigurationError(
+                f"the iterator function of {name} returned a {type(source).__name__}, "
+                "not an iterable"
+            )
+    if not isinstance(source, Iterator):
+        return source, None  # a range, a list...: iterated afresh by each Project()
+    with _taken_lock:
+        if id(source) in _taken:
+            raise UsageError(
+                f"the iterator of {name} is a {type(source).__name__}, already used up by an "
+                f"earlier {name}() (or attach): a second one would run on nothing. Pass a "
+                "function that makes a fresh one instead: iterator=lambda: make_items(), or a "
+                "list or range"
+            )
+        _taken[id(source)] = source
+    return source, id(source)
+
+
+def _give_back(taken: int | None) -> None:
+    if taken is not None:
+        with _taken_lock:
+            _taken.pop(taken, None)
+
+
+# ---- Ctrl-C --------------------------------------------------------------------------------------
+
+
+def _mark_interrupt(exc: KeyboardInterrupt, text: str) -> None:
+    """Have ``exc``, if nobody catches it, print ``text`` on one line instead of a traceback
+    (the process still exits as interrupted: status 130 in a shell)."""
+    exc._dcproto_text = text  # type: ignore[attr-defined]
+    previous = sys.excepthook
+    if getattr(previous, "_dcproto_interrupt", False):
+        return
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        text = getattr(value, "_dcproto_text", None)
+        if text is None:
+            previous(kind, value, tb)
+        else:
+            print(f"dcproto: {text}", file=sys.stderr)
+
+    excepthook._dcproto_interrupt = True  # type: ignore[attr-defined]
+    sys.excepthook = excepthook

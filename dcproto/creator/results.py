@@ -31,8 +31,12 @@ RESULTS_PICKLE = "results.pickle"
 
 
 def load_results(results_path: str | os.PathLike[str]) -> dict[Any, Any]:
-    """The ``{item: value}`` dict a finished project wrote to ``results_path``."""
-    with open(Path(results_path) / RESULTS_PICKLE, "rb") as handle:
+    """The ``{item: value}`` dict a finished project wrote to ``results_path``: give that
+    directory, or its ``results.pickle`` itself."""
+    path = Path(results_path)
+    if path.is_dir():
+        path = path / RESULTS_PICKLE
+    with open(path, "rb") as handle:
         return pickle.load(handle)
 
 

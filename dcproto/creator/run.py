@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import itertools
 import logging
 import math
@@ -69,6 +70,10 @@ class SeqSet:
         self._bits[index] |= 1 << bit
         return True
 
+    def __contains__(self, seq: int) -> bool:
+        index, bit = divmod(seq, 8)
+        return index < len(self._bits) and bool(self._bits[index] & (1 << bit))
+
 
 class ProjectRun:
     """Implements the client's ProjectListener for one project."""
@@ -99,13 +104,16 @@ class ProjectRun:
         self._skip_items = 0  # items already on the server when resuming from another process
         self.submitted_at = time.time()
         self.accepted = False  # the server has stored the Submit
+        self.attached_status: str | None = None  # the project's status when attached to
         self.finished = False
 
     # ---- starting --------------------------------------------------------------------------
 
     async def _connect(self) -> None:
         spec = self.spec
-        if spec.user_name is None:
+        if spec.endpoint is not None:
+            self.client = await get_client(spec.endpoint, reconnect_timeout=spec.reconnect_timeout)
+        elif spec.user_name is None:
             from .local import local_cluster
 
             cluster = await local_cluster(spec.local_workers)
@@ -155,11 +163,18 @@ class ProjectRun:
         )
 
     async def start_attached(self, project_id: str) -> None:
-        """Re-attach to a project from a new process; resume feeding if it still needs it."""
+        """Re-attach to a project from a new process; resume feeding if it still needs it.
+
+        By id alone (no project class, so no iterator), a project whose creator had not sent
+        all its items is refused before attaching: nothing here could send the rest, and an
+        Attach would take the project from its creator (if it still runs) for nothing."""
         await self._connect()
         assert self.client is not None
+        if self.spec.by_id:
+            await self._check_fed(project_id)
         self._begin(project_id)
         attached = await self.client.attach(project_id)
+        self.attached_status = attached.status
         if attached.status == "unknown":
             self._forget_listener()
             raise ProjectError(f"the server knows no project {project_id}")
@@ -178,11 +193,47 @@ class ProjectRun:
         if attached.ended:  # every task is on the server: these are the project's totals
             self.total_tasks = attached.stored
             self.total_items = attached.items_stored
+        if attached.status == "running" and not attached.ended and self.spec.by_id:
+            if not self.spec.allow_unfed:  # End came after the check above: rare, but refuse
+                self._forget_listener()
+                raise self._unfed_error(project_id, attached.stored, attached.items_stored)
+            return  # to cancel it: never feed, and above all never send End
         if attached.status == "running" and not attached.ended:
             self._next_seq = attached.stored
             self._skip_items = attached.items_stored
             self.credit = attached.credit
             self._feeder = asyncio.create_task(self._feed())
+
+    async def _check_fed(self, project_id: str) -> None:
+        """Raise ProjectError if ``project_id`` runs without all its items on the server."""
+        assert self.client is not None
+        rows = await self.client.list_projects()
+        row = next((r for r in rows if r.get("project_id") == project_id), None)
+        if row is None:
+            return  # unknown, or not ours: Attach says which
+        if isinstance(row.get("name"), str):
+            self.handle.name = row["name"]
+        if type(row.get("submitted_at")) in (int, float):
+            self.submitted_at = row["submitted_at"]  # for stats.json: not when we attached
+        unfed = row.get("status") == "running" and row.get("total_tasks") is None
+        if unfed and not self.spec.allow_unfed:
+            raise self._unfed_error(project_id, row.get("tasks_received"), None)
+
+    def _unfed_error(self, project_id: str, tasks: Any, items: Any) -> ProjectError:
+        stored = f"{tasks} tasks" + (f" ({items} items)" if items is not None else "")
+        user = self.spec.user_name
+        server = f"user_name={user!r}" if user is not None else "user_name=..."
+        return ProjectError(
+            f"project {project_id} ({self.handle.name}) is not complete on the server: its "
+            f"creator stopped before sending all its items ({stored} stored so far, and no "
+            "end), so it cannot finish from here, and was left as it is. Re-attach from the "
+            f"creator's code, with its iterator: {self.handle.name}.attach({project_id!r}, "
+            f"{server}) sends the rest and waits for the results"
+        )
+
+    def detach(self) -> None:
+        """Stop listening to the project (whatever the server still sends for it is dropped)."""
+        self._forget_listener()
 
     def _begin(self, project_id: str) -> None:
         assert self.client is not None
@@ -202,7 +253,8 @@ class ProjectRun:
         try:
             chunks = task_chunks(self.spec.iterator, self._skip_items, self.spec.task_size)
         except Exception as exc:
-            self._fail_locally(DcprotoError(f"the iterator cannot be iterated: {exc!r}"))
+            error = DcprotoError(f"the iterator cannot be iterated: {exc!r}")
+            self._fail_locally(_chained(error, exc))
             return
         seq = itertools.count(self._next_seq)
         total_items = self._skip_items
@@ -249,7 +301,8 @@ class ProjectRun:
                 self._fail_locally(exc)
                 return
             except Exception as exc:
-                self._fail_locally(DcprotoError(f"the iterator raised {exc!r}"))
+                # chained: the traceback then shows the iterator's own frame, where it raised
+                self._fail_locally(_chained(DcprotoError(f"the iterator raised {exc!r}"), exc))
                 return
             self.credit -= len(batch)
             self._unstored.extend(batch)
@@ -438,6 +491,12 @@ class ProjectRun:
         """A worker's ``{index: value}`` as ``{item: value}``. The items are our own bytes,
         relayed by the server; the values are the worker's, decoded safely unless the project
         trusts its workers. Raises DcprotoError or ValueError for anything malformed."""
+        return self._decode_indexed(items_blob, payload, what)[0]
+
+    def _decode_indexed(
+        self, items_blob: bytes, payload: bytes, what: str
+    ) -> tuple[dict[Any, Any], list[int]]:
+        """:meth:`_decode`, and the indexes in the task of the items it holds."""
         items = trusted_loads(items_blob, what=f"the items of {what}")
         if not isinstance(items, Sequence):
             raise ValueError("the task's items are not a sequence")
@@ -449,7 +508,7 @@ class ProjectRun:
             if type(index) is not int or not 0 <= index < len(items):
                 raise ValueError(f"the payload names item {index!r:.50}, not in the task")
             results[items[index]] = value
-        return results
+        return results, list(values)
 
     def _finished(self, message: p.Finished) -> None:
         stats = dict(message.stats)
@@ -469,9 +528,19 @@ class ProjectRun:
         elif message.status == "stopped":
             assert message.stop is not None
             seq, items_blob, payload = message.stop
-            stopped = self._decode(items_blob, payload, f"the stopping result (task {seq})")
+            stopped, indexes = self._decode_indexed(
+                items_blob, payload, f"the stopping result (task {seq})"
+            )
             if len(stopped) != 1:
                 raise ValueError(f"the stopping result holds {len(stopped)} values, not 1")
+            if type(seq) is int and seq >= 0 and seq not in self.seen:
+                # the stopping task comes in Finished, never as a TaskDone, yet the server
+                # counts it done (in tasks_done and per_worker): count it too, with the items
+                # its worker ran (up to the stopping one)
+                self.tasks_done += 1
+                self.items_done += indexes[0] + 1
+            # what the results hold: the values kept before the stop are dropped with it
+            self.items_kept = len(stopped)
             self._finish(result=stopped, stats=stats, status="stopped")
         elif message.status == "cancelled":
             self._finish(error=ProjectCancelled(f"project {self.handle.name} was cancelled"))
@@ -525,7 +594,12 @@ class ProjectRun:
                 )
             except DcprotoError as exc:
                 error = error or exc
-        if stats is not None and self.client is not None and self.project_id is not None:
+        if (
+            stats is not None
+            and self.spec.release
+            and self.client is not None
+            and self.project_id is not None
+        ):
             # the results are ours now (and on disk, with a results_path): the server may
             # drop its copy
             with contextlib.suppress(DcprotoError):
@@ -550,9 +624,13 @@ class ProjectRun:
             "project_id": self.project_id,
             "name": self.handle.name,
             "status": self.status,
+            # times: seconds since the epoch, and the same as ISO 8601 in UTC
             "submitted_at": self.submitted_at,
+            "submitted_at_utc": _utc(self.submitted_at),
             "first_started_at": first_started_at,
+            "first_started_at_utc": _utc(first_started_at),
             "finished_at": finished_at,
+            "finished_at_utc": _utc(finished_at),
             "wall_time": wall,
             "total_tasks": self.total_tasks,
             "total_items": self.total_items,
@@ -607,6 +685,21 @@ def pickle_items(items: Sequence[Any]) -> bytes:
         return cloudpickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         raise SerializationError(f"an item cannot be pickled: {exc}") from exc
+
+
+def _utc(when: float | None) -> str | None:
+    """``when`` (seconds since the epoch) in ISO 8601, UTC: ``2024-05-01T12:00:00.123456Z``."""
+    if when is None:
+        return None
+    text = datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="microseconds")
+    return text.replace("+00:00", "Z")
+
+
+def _chained(error: DcprotoError, cause: BaseException) -> DcprotoError:
+    """``error`` as if raised ``from cause``: its traceback then shows where ``cause`` was
+    raised (in the user's iterator, say), though it is raised later, from ``results()``."""
+    error.__cause__ = cause
+    return error
 
 
 def _seconds(value: Any) -> float:
