@@ -90,7 +90,8 @@ def test_forged_results_from_a_worker_without_the_tasks_change_nothing(
     stats = project.stats
     assert stats["tasks_done"] == 60
     assert stats["per_worker"] == {honest.name: 60}
-    # the first two tasks were done before the forgeries came: at least 3 outcomes each
+    # the project counts forgeries for its open tasks (most were open when they came); the
+    # server also counts those for finished tasks and ids never issued, in its log
     assert 6 <= stats["forged_results_dropped"] <= 3 * 60
     logged = wait_for(
         lambda: re.findall(
@@ -100,7 +101,7 @@ def test_forged_results_from_a_worker_without_the_tasks_change_nothing(
         TIMEOUT,
         "the drop count in the server log",
     )
-    assert 1 <= int(logged[0]) <= stats["forged_results_dropped"]
+    assert 1 <= int(logged[0]) <= 3 * 200
     assert server.alive()
 
 
@@ -172,7 +173,9 @@ def test_tasks_of_a_worker_that_only_heartbeats_go_to_a_real_worker(
         sloth.send(p.Credit(credit=3))
         project = PlusOne()
         held: list[p.Task] = []
-        while len(held) < 3:  # no other worker yet: the sloth gets the first tasks
+        # no other worker yet: the sloth gets a task for its slot, and no more (nothing is
+        # held ahead of a project whose task time is not known)
+        while len(held) < 1:
             message = sloth.receive(TIMEOUT)
             assert message is not None, "the server closed the sloth's connection"
             if isinstance(message, p.Task):
@@ -193,8 +196,8 @@ def test_tasks_of_a_worker_that_only_heartbeats_go_to_a_real_worker(
     stats = project.stats
     assert stats["tasks_done"] == 12
     assert stats["per_worker"] == {honest.name: 12}
-    assert stats["tasks_overdue"] == 1  # its one slot: the other two never started
-    assert stats["tasks_reissued"] >= 3
+    assert stats["tasks_overdue"] == 1  # its one slot
+    assert stats["tasks_reissued"] >= 1
     assert re.search(
         r"worker sloth \(c\d+\) held 1 started tasks past their time limit", server.log()
     )

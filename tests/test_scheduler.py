@@ -36,6 +36,7 @@ from dcproto.server.scheduler import (
     TaskState,
     ToCreator,
     TooManyItems,
+    WakeAt,
 )
 
 CREATOR = "creator-1"
@@ -102,6 +103,8 @@ def valid(actions: list[Action]) -> list[Action]:
             p.encode(p.Abandon(task_ids=action.task_ids))
         elif isinstance(action, RecallTasks):
             p.encode(p.Recall(task_ids=action.task_ids))
+        elif isinstance(action, WakeAt):
+            assert math.isfinite(action.when)
         else:
             assert isinstance(action, StoreTasks), action
             for task_id, seq, items, n_items in action.tasks:
@@ -175,13 +178,13 @@ def join(
 
 
 def measured(s: Scheduler, worker_id: str, project_id: str = "P", per_slot: int = 1) -> None:
-    """As if the project's task time and the worker's round trip were measured so that the
-    worker should hold ``per_slot`` tasks per slot beyond the ones it runs."""
+    """As if the project's task time (1 s) and the worker's round trip were measured so that
+    the worker, with a task just started in each slot, holds ``per_slot`` tasks per slot
+    beyond the ones it runs: PREFETCH_MARGIN round trips are ``per_slot + 1`` tasks' work."""
     s.projects[project_id].task_seconds = 1.0
     worker = s.workers[worker_id]
-    worker.rtt = (per_slot - 0.5) / PREFETCH_MARGIN
-    assert s._prefetch_per_slot(worker, s.projects[project_id]) == per_slot
-    worker.prefetch = worker.slots * per_slot
+    worker.rtt = (per_slot + 1) / PREFETCH_MARGIN
+    worker.prefetch = worker.slots * min(p.MAX_PREFETCH_PER_SLOT, per_slot + 1)
     s._refresh(worker)
 
 
@@ -1177,8 +1180,9 @@ def test_remove_creator_detaches_its_projects_which_go_on() -> None:
     ]
     assert len(sends(actions)) == 1
     # and nobody is granted credit for it: no More, with or without workers joining
+    # (A took OTHER's first task: it was never served, P1 was)
     assert creator_msgs(join(s, "B", slots=20, now=2.5), p.More) == [
-        p.More(project_id="OTHER", credit=4 * 21 - MIN_WINDOW, stored=2)  # 1 + 20 slots
+        p.More(project_id="OTHER", credit=4 * 21 - MIN_WINDOW + 1, stored=2)  # 1 + 20 slots
     ]
     # the old creator id no longer owns it
     assert s.add_tasks(CREATOR, make_tasks("P1", [3]), 3.0) == []
@@ -1952,7 +1956,7 @@ def test_a_task_waiting_behind_another_starts_its_clock_when_a_slot_frees() -> N
     assert sent(s.worker_credit("A", 1, 0.0)) == [("A", 3, 1)]
     limit = 10 + TASK_TIME_GRACE
     assert [s.tasks[t].run_deadline for t in (1, 2, 3)] == [limit, limit, None]
-    assert s.workers["A"].waiting == {3: None}
+    assert list(s.workers["A"].waiting) == [3]
     answer(s, first, now=12.0, credit=0)
     assert s.tasks[3].run_deadline == 12.0 + limit
     assert s.workers["A"].waiting == {}

@@ -29,6 +29,7 @@ from dcproto.server.scheduler import (
     PREFETCH_MARGIN,
     RecallTasks,
     Scheduler,
+    WakeAt,
 )
 
 
@@ -245,3 +246,26 @@ def test_memory_stays_flat_however_many_tasks_finish() -> None:
     answer(s, late, now=now + 4, credit=0)
     assert project.duplicates_dropped == 1
     assert s._owed == {} and s.tasks == {}
+
+
+def test_a_task_is_held_ahead_only_just_in_time() -> None:
+    """Tasks of 50 ms, a 3 ms round trip: the next task goes out only when the running one is
+    about to end (the server wakes for it), so a project that comes meanwhile is next."""
+    s = Scheduler()
+    new_project(s, "BIG")
+    add(s, "BIG", range(10))
+    assert len(sends(join(s, "A", credit=5, slots=1, now=0.0))) == 1
+    s.projects["BIG"].task_seconds = 0.05
+    s.workers["A"].rtt = 0.003
+    s.workers["A"].prefetch = 5
+    s._refresh(s.workers["A"])
+    actions = valid(s.worker_credit("A", 1, 0.0))
+    assert sends(actions) == []
+    (wake,) = [a for a in actions if isinstance(a, WakeAt)]
+    assert math.isclose(wake.when, 0.05 - PREFETCH_MARGIN * 0.003)
+    assert s.next_deadline() == wake.when
+    new_project(s, "SMALL", now=0.02)
+    assert sends(add(s, "SMALL", [0], now=0.02)) == []
+    actions = valid(s.tick(wake.when))
+    assert [(t.worker_id, t.message.project_id) for t in sends(actions)] == [("A", "SMALL")]
+    assert list(s.workers["A"].waiting) == [sends(actions)[0].message.task_id]

@@ -209,8 +209,11 @@ def _run_project_by_hand(
     """Run a project on ``server`` with a hand-driven worker that answers each item ``x``
     with ``x * 3``; first, once it holds the tasks, it sends a Result for each task id in
     ``stale`` (from an earlier server run), which must be dropped. Returns the task ids."""
-    with RawPeer(server, "worker", slots=1) as worker, RawPeer(server, "creator") as creator:
-        worker.send(p.Credit(credit=len(items) + 1))
+    # a slot per task: the server sends a worker nothing beyond its slots until it has
+    # measured the project's task time
+    slots = len(items) + 1
+    with RawPeer(server, "worker", slots=slots) as worker, RawPeer(server, "creator") as creator:
+        worker.send(p.Credit(credit=slots))
         creator.send(
             _submit(project_id, project_id, Times1000),
             _tasks(project_id, dict(enumerate(items.values()))),

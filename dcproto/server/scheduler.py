@@ -52,6 +52,7 @@ credit window so the server never holds more than a bounded number of queued tas
 from __future__ import annotations
 
 import enum
+import heapq
 import math
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -153,6 +154,13 @@ class RecallTasks:
 
 
 @dataclass(frozen=True, slots=True)
+class WakeAt:
+    """Call ``tick`` at ``when`` (on the ``now`` clock): a worker is due a task held ahead."""
+
+    when: float
+
+
+@dataclass(frozen=True, slots=True)
 class StoreTasks:
     """Tasks the creator sent, to be made durable: (task_id, seq, items, n_items)."""
 
@@ -171,7 +179,7 @@ class ToCreator:
     message: p.Message
 
 
-Action = SendProject | SendTask | AbandonTasks | RecallTasks | StoreTasks | ToCreator
+Action = SendProject | SendTask | AbandonTasks | RecallTasks | WakeAt | StoreTasks | ToCreator
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +213,7 @@ class TaskRecord:
     sent: list[float] = field(default_factory=list)  # when each attempt was sent
     holders: tuple[str, ...] = ()  # device ids it was leased to, in any attempt
     run_deadline: float | None = None  # the current attempt has started: answer by then
+    started_at: float = 0.0  # when the current attempt started (if it has)
     reissues: int = 0  # times it went back to the queue unanswered (see max_reissues)
     reissued_because: str = ""  # the latest of those reasons, for the error if they run out
 
@@ -245,6 +254,7 @@ class ProjectRecord:
     finished_at: float | None = None
     unrunnable_noticed: bool = False
     task_seconds: float | None = None  # moving average of a slot's time per task
+    served: int = 0  # when it last got a worker (a counter; 0: never), for ties
 
     def has_queued(self) -> bool:
         return bool(self.queue or self.retries)
@@ -259,14 +269,18 @@ class WorkerRecord:
     last_seen: float
     credit: int = 0
     leased: set[int] = field(default_factory=set)
-    # leased tasks not started yet (all slots busy), in the order they were sent
-    waiting: dict[int, None] = field(default_factory=dict)
+    # leased tasks not started yet (all slots busy), in the order they were sent, each with
+    # its expected seconds (None: its project's task time was not known)
+    waiting: dict[int, float | None] = field(default_factory=dict)
+    waiting_work: float = 0.0  # the sum of the known expected seconds in ``waiting``
+    waiting_unknown: int = 0  # tasks in ``waiting`` of unknown length
     loaded: set[str] = field(default_factory=set)
     suspect: bool = False  # a lease expired: no new tasks until the worker shows life
     overdue: bool = False  # held a task too long: no new tasks until it answers one
     capacity: int = 0  # the most tasks it has held at once
     rtt: float | None = None  # round trip to it, without the time it held a task
     prefetch: int = 0  # tasks it may hold beyond its slots, from its latest result
+    wake_at: float | None = None  # when it is next due a task held ahead
 
     @property
     def blocked(self) -> bool:
@@ -308,6 +322,7 @@ class Scheduler:
         self._owed: dict[str, OrderedDict[tuple[int, int], str]] = {}
         self._waiting_workers: dict[str, None] = {}  # workers holding unstarted tasks
         self._exhausted: list[TaskRecord] = []  # tasks past max_reissues, failed at _flush
+        self._wakes: list[tuple[float, str]] = []  # heap of (when, worker): see _hold_later
         # server-wide counts, and what the server has not logged yet: (worker, kind) -> Incident
         self.forged_results_dropped = 0
         self.tasks_overdue = 0
@@ -317,6 +332,8 @@ class Scheduler:
         self._ready: OrderedDict[str, None] = OrderedDict()
         self._active: deque[str] = deque()  # running projects with queued tasks, in turn
         self._next_task_id = 1
+        self._now = 0.0  # the latest event's time
+        self._served = 0  # counts leases, to order projects that have as many in flight
         self._total_slots = 0
         self._total_capacity = 0  # sum of the workers' capacities
         self._actions: list[Action] = []
@@ -535,6 +552,44 @@ class Scheduler:
                 service if previous is None else previous + TASK_TIME_WEIGHT * (service - previous)
             )
         worker.prefetch = worker.slots * self._prefetch_per_slot(worker, project)
+
+    def _may_hold_ahead(self, worker: WorkerRecord, project: ProjectRecord) -> bool:
+        """Whether the busy ``worker`` should take one more task of ``project`` now: it holds
+        fewer than the bandwidth-delay product, and the work in its hands (what is left of
+        its running tasks, and its waiting ones) would run out within PREFETCH_MARGIN round
+        trips. Otherwise it is woken when that happens: a task is held ahead only just in
+        time, so a project that comes meanwhile is not queued behind it."""
+        # a project not measured yet: one per slot at most, so it is served as soon as a
+        # slot frees, not after what was held ahead of it (an idle worker takes it back)
+        unknown = project.task_seconds is None
+        per_slot = 1 if unknown else self._prefetch_per_slot(worker, project)
+        if len(worker.waiting) >= worker.slots * per_slot or worker.waiting_unknown:
+            return False
+        if worker.rtt is None:
+            return False
+        now = self._now
+        work = worker.waiting_work
+        for task_id in worker.leased:
+            if task_id not in worker.waiting:
+                task = self.tasks[task_id]
+                running = self.projects[task.project_id].task_seconds
+                if running is None:
+                    return False  # it may run for hours: nothing is held ahead of it
+                work += max(0.0, task.started_at + running - now)
+        threshold = worker.slots * PREFETCH_MARGIN * worker.rtt
+        due = now + (work - threshold) / worker.slots
+        if due <= now + 1e-6:
+            return True
+        self._hold_later(worker, due)
+        return False
+
+    def _hold_later(self, worker: WorkerRecord, when: float) -> None:
+        if worker.wake_at is not None and worker.wake_at <= when:
+            return
+        worker.wake_at = when
+        if not self._wakes or when < self._wakes[0][0]:
+            self._actions.append(WakeAt(when))
+        heapq.heappush(self._wakes, (when, worker.worker_id))
 
     def _prefetch_per_slot(self, worker: WorkerRecord, project: ProjectRecord) -> int:
         """Tasks of ``project`` the worker should hold per slot beyond the one it runs: what
@@ -799,7 +854,7 @@ class Scheduler:
     def next_deadline(self) -> float | None:
         """When ``tick`` next has something to do (a lease expiry or a started task's time
         limit), or None if no task is leased."""
-        deadline: float | None = None
+        deadline: float | None = self._wakes[0][0] if self._wakes else None
         for worker in self.workers.values():
             for task_id in worker.leased:
                 task = self.tasks[task_id]
@@ -845,7 +900,8 @@ class Scheduler:
         """``task_id`` leaves ``worker``: if it was running, a waiting task starts in its slot
         (at the end of this event, see ``_flush``)."""
         worker.leased.discard(task_id)
-        worker.waiting.pop(task_id, None)
+        if task_id in worker.waiting:
+            self._leave_waiting(worker, task_id)
         task = self.tasks.get(task_id)
         if task is not None:
             task.run_deadline = None
@@ -854,6 +910,16 @@ class Scheduler:
         else:
             self._waiting_workers.pop(worker.worker_id, None)
         self._refresh(worker)
+
+    @staticmethod
+    def _leave_waiting(worker: WorkerRecord, task_id: int) -> None:
+        expected = worker.waiting.pop(task_id)
+        if expected is None:
+            worker.waiting_unknown -= 1
+        else:
+            worker.waiting_work -= expected
+        if not worker.waiting:
+            worker.waiting_work = 0.0  # no drift from float sums
 
     def _owe(self, worker: WorkerRecord, task: TaskRecord) -> None:
         """``task`` was taken from ``worker`` before it answered: its answer may still come."""
@@ -866,9 +932,10 @@ class Scheduler:
         """Start the worker's waiting tasks, oldest first, while it has free slots."""
         while worker.waiting and len(worker.leased) - len(worker.waiting) < worker.slots:
             task_id = next(iter(worker.waiting))
-            del worker.waiting[task_id]
+            self._leave_waiting(worker, task_id)
             task = self.tasks[task_id]
             task.run_deadline = now + self.projects[task.project_id].task_time_limit
+            task.started_at = now
         if worker.waiting:
             self._waiting_workers[worker.worker_id] = None
         else:
@@ -1088,28 +1155,52 @@ class Scheduler:
                 )
 
     def _next_task_for(self, worker: WorkerRecord, *, prefetch: bool) -> TaskRecord | None:
-        """The next queued task for ``worker``, projects taken in turn. ``prefetch``: the
-        worker's slots are busy, so only a project whose tasks it should hold ahead (see
-        ``_prefetch_per_slot``) may give it one."""
-        active = self._active
-        for _ in range(len(active)):
-            project_id = active[0]
+        """The next queued task for ``worker``: from a project in its last round first (see
+        below), else from the project with the fewest tasks in flight, ties to the one
+        served least recently: every project gets an even share of the workers, and a
+        small one that comes late is served at the next free place. ``prefetch``: the
+        worker's slots are busy, so only a project whose task it should hold ahead now (see
+        ``_may_hold_ahead``) may give it one."""
+        chosen: ProjectRecord | None = None
+        best: tuple[bool, int, int] | None = None
+        stale = False
+        for project_id in self._active:
             project = self.projects.get(project_id)
             if project is None or project.status != "running" or not project.has_queued():
-                active.popleft()
+                stale = True
                 continue
-            active.rotate(-1)
             if worker.worker_id in project.rejected_by:
                 continue
-            if prefetch and len(worker.waiting) >= worker.slots * self._prefetch_per_slot(
-                worker, project
-            ):
+            # a project whose whole rest fits in one round of the workers goes first: it
+            # ends at once, and the others lose one task's time
+            last_round = (
+                project.total_tasks is not None
+                and len(project.queue) + len(project.retries) <= self._total_slots
+            )
+            key = (not last_round, len(project.leased), project.served)
+            if best is not None and key >= best:
                 continue
-            task_id = self._pick(project, worker)
-            if not project.has_queued() and active and active[-1] == project_id:
-                active.pop()
-            return self.tasks[task_id]
-        return None
+            if prefetch and not self._may_hold_ahead(worker, project):
+                continue
+            chosen, best = project, key
+        if stale:
+            self._active = deque(
+                dict.fromkeys(
+                    project_id
+                    for project_id in self._active
+                    if (project := self.projects.get(project_id)) is not None
+                    and project.status == "running"
+                    and project.has_queued()
+                )
+            )
+        if chosen is None:
+            return None
+        self._served += 1
+        chosen.served = self._served  # behind its equals next time
+        task_id = self._pick(chosen, worker)
+        if not chosen.has_queued():
+            self._active.remove(chosen.project_id)
+        return self.tasks[task_id]
 
     def _pick(self, project: ProjectRecord, worker: WorkerRecord) -> int:
         # A retried task goes to a worker it has not failed on when one is asking; it goes to
@@ -1134,7 +1225,12 @@ class Scheduler:
         if worker.device_id not in task.holders:
             task.holders += (worker.device_id,)
         worker.leased.add(task.task_id)
-        worker.waiting[task.task_id] = None
+        expected = project.task_seconds
+        worker.waiting[task.task_id] = expected
+        if expected is None:
+            worker.waiting_unknown += 1
+        else:
+            worker.waiting_work += expected
         self._start_waiting(worker, now)
         worker.credit -= 1
         if len(worker.leased) > worker.capacity:
@@ -1220,6 +1316,13 @@ class Scheduler:
         return None
 
     def _flush(self, now: float) -> list[Action]:
+        self._now = now
+        while self._wakes and self._wakes[0][0] <= now:
+            _, worker_id = heapq.heappop(self._wakes)
+            worker = self.workers.get(worker_id)
+            if worker is not None and worker.wake_at is not None and worker.wake_at <= now:
+                worker.wake_at = None
+                self._refresh(worker)
         freed, self._freed = self._freed, set()
         for worker_id in freed:
             worker = self.workers.get(worker_id)

@@ -385,6 +385,8 @@ class Server:
         self._refusal_log = LogLimiter()
         self.scheduler = s.Scheduler(max_slots=max_slots, max_task_time=max_task_time)
         self._last_incident_log = float("-inf")
+        self._wake: asyncio.TimerHandle | None = None  # the scheduler's next WakeAt
+        self._wake_when = 0.0
         self.store = Store(state_dir)
         self._store_failing = False
         # accepted results and finished projects not committed yet (the disk may be failing):
@@ -443,6 +445,8 @@ class Server:
         if self._timer is not None:
             await asyncio.wait({self._timer}, timeout=5)
             self._timer.cancel()
+        if self._wake is not None:
+            self._wake.cancel()
         for conn in list(self.connections.values()):
             if conn.transport is not None:
                 conn.transport.close()
@@ -1143,6 +1147,8 @@ class Server:
                     conn = self.workers.get(worker_id)
                     if conn is not None:
                         conn.send(p.Recall(task_ids=task_ids))
+                case s.WakeAt(when):
+                    self._wake_at(when)
                 case s.StoreTasks(project_id, tasks):
                     self.store.tasks_added(project_id, tasks)
                 case s.ToCreator(creator_id, message):
@@ -1169,6 +1175,21 @@ class Server:
                         self._finished(message)
         while self._over_quota:  # the result that went past the quota is kept; no more are
             self._fail_over_quota(self._over_quota.pop())
+
+    def _wake_at(self, when: float) -> None:
+        """Run the scheduler's clock at ``when`` (monotonic), unless it runs earlier anyway."""
+        if self._wake is not None and self._wake_when <= when:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake_when = when
+        self._wake = asyncio.get_running_loop().call_later(
+            max(0.0, when - time.monotonic()), self._woken
+        )
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._run(self.scheduler.tick(time.monotonic()))
 
     def _fail_over_quota(self, project_id: str) -> None:
         owner = self.usage.owner(project_id) or ""

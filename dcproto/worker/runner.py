@@ -245,7 +245,8 @@ class Runner:
         self._task_seconds: OrderedDict[str, float] = OrderedDict()
 
     async def start(self) -> None:
-        await asyncio.gather(*(child.start() for child in self._children))
+        """Start every child (a task that needs one meanwhile waits for the same start)."""
+        await asyncio.gather(*(child.ensure_started() for child in self._children))
 
     async def close(self) -> None:
         await asyncio.gather(*(child.stop() for child in self._children))

@@ -109,7 +109,8 @@ class Worker:
         return self.config.max_tasks is not None and self.completed >= self.config.max_tasks
 
     async def run(self) -> None:
-        await self.runner.start()
+        # children start while we connect: joining costs one of the two, not both
+        children = asyncio.create_task(self.runner.start())
         try:
             delays = backoff_delays(BACKOFF_START, BACKOFF_CAP)
             while not self._stopping.is_set() and not self.done:
@@ -130,6 +131,10 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), delay)
         finally:
             await self._abandon_all()
+            if not children.done():
+                children.cancel()
+            with contextlib.suppress(BaseException):
+                await children
             await self.runner.close()
 
     # ---- one connection ------------------------------------------------------------------------
