@@ -377,11 +377,14 @@ class Notice(Message):
 class Attach(Message):
     """Creator -> server: re-attach to a project (after a reconnect, or from another process).
     The server answers with :class:`Attached`, then replays every stored result as TaskDone
-    (a creator drops seqs it already has) and, if the project has ended, Finished."""
+    (a creator drops seqs it already has) and, if the project has ended, Finished.
+    ``watch``: only follow the project (its results, Notices, Finished) without taking it
+    over from the creator bound to it, which goes on feeding it and getting its results."""
 
     TYPE = 29
     ref: int
     project_id: str
+    watch: bool = False
 
 
 @_msg

@@ -137,6 +137,7 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Notice", "text"): "Message for the user.",
     ("Attach", "ref"): "Chosen by the creator; echoed in Attached.",
     ("Attach", "project_id"): "The project to re-attach to.",
+    ("Attach", "watch"): "True: follow it without taking it from its creator (no feeding).",
     ("Attached", "ref"): "The `ref` of the Attach.",
     ("Attached", "project_id"): "The project.",
     ("Attached", "status"): "`running`, a Finished status, `released`, `unknown` or `forbidden`.",

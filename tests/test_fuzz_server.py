@@ -146,6 +146,7 @@ def sample_messages() -> list[p.Message]:
             credit=1,
         ),
         p.Abandon(task_ids=[1, 2, 3]),
+        p.Recall(task_ids=[4, 5]),
         p.Submit(
             project_id="pid",
             name="name",

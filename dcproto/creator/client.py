@@ -193,9 +193,10 @@ class CreatorClient:
     def next_ref(self) -> int:
         return next(self._refs)
 
-    async def attach(self, project_id: str) -> p.Attached:
+    async def attach(self, project_id: str, *, watch: bool = False) -> p.Attached:
+        """``watch``: follow the project without taking it from its creator (see Attach)."""
         ref = self.next_ref()
-        reply = await self.request(p.Attach(ref=ref, project_id=project_id), ref)
+        reply = await self.request(p.Attach(ref=ref, project_id=project_id, watch=watch), ref)
         assert isinstance(reply, p.Attached)
         return reply
 

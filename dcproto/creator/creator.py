@@ -125,6 +125,8 @@ class Distribute:
 
     Beyond the original arguments: ``task_timeout`` (seconds per task in a worker),
     ``max_attempts`` (crashes or timeouts of a task before the project fails),
+    ``max_reissues`` (times a task may go back to the queue unanswered -- its worker vanished,
+    fell silent or held it too long -- before the project fails with the last cause),
     ``lease_timeout`` (seconds without a sign of life before a worker's tasks are re-issued),
     ``errors`` (``"raise"``: an exception fails the project; ``"skip"``: the item is dropped and
     reported in ``project.errors``), ``local_workers`` (slots of the embedded default) and
@@ -150,6 +152,7 @@ class Distribute:
         *,
         task_timeout: float | None = None,
         max_attempts: int = 3,
+        max_reissues: int = 20,
         lease_timeout: float = 30.0,
         errors: str = "raise",
         local_workers: int | None = None,
@@ -174,6 +177,7 @@ class Distribute:
         options = {
             "task_timeout": task_timeout,
             "max_attempts": max_attempts,
+            "max_reissues": max_reissues,
             "lease_timeout": lease_timeout,
             "errors": errors,
             "trust_workers": user_name is None if trust_workers is None else trust_workers,

@@ -173,7 +173,8 @@ class ProjectRun:
         if self.spec.by_id:
             await self._check_fed(project_id)
         self._begin(project_id)
-        attached = await self.client.attach(project_id)
+        # by id, there is nothing to feed: follow the project, leave it to its creator
+        attached = await self.client.attach(project_id, watch=self.spec.by_id)
         self.attached_status = attached.status
         if attached.status == "unknown":
             self._forget_listener()
@@ -391,7 +392,7 @@ class ProjectRun:
     async def on_reconnect(self) -> None:
         assert self.client is not None and self.project_id is not None
         try:
-            attached = await self.client.attach(self.project_id)
+            attached = await self.client.attach(self.project_id, watch=self.spec.by_id)
         except ConnectionFailed:
             return  # disconnected again; the next reconnect tries again
         if attached.status in ("unknown", "forbidden") and not self.accepted:

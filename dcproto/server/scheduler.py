@@ -19,13 +19,35 @@ still delivers), and whoever holds the task then is told to abandon it; crashes,
 abandons count only for the current attempt; results for a finished task are late duplicates and
 are dropped.
 
-Only a worker that holds or held the task may answer it. Each task keeps the device ids it was
-leased to, in any attempt (a device id survives a reconnect and is bound to the token that got
-it, so nobody else can claim it). A result from any other worker is dropped and counted -- per
-project (``forged_results_dropped``) and per worker, for the server's log -- and touches nothing:
-no take-back, no failure, no stop. After a server restart the restored tasks have no
-leaseholders yet, so a result computed before the restart is dropped too and the task simply
-runs again.
+Only a worker that holds or held the task may answer it. Each open task keeps the device ids
+it was leased to, in any attempt (a device id survives a reconnect and is bound to the token
+that got it, so nobody else can claim it). What was taken from a device before it answered (an
+expired lease, a lost connection, Abandon, Recall) is remembered as (task, attempt) -> project,
+per device and bounded, so its late answer is a counted duplicate; nothing is kept per finished
+task, so memory does not grow with the tasks done. A result from any other worker, or a second
+answer to the same attempt, is dropped and counted -- per project while the task is open
+(``forged_results_dropped``), and per worker, for the server's log -- and touches nothing: no
+take-back, no failure, no stop. After a server restart the restored tasks have no leaseholders
+yet, so a result computed before the restart is dropped too and the task simply runs again.
+
+Each return of a task to the queue unanswered (its worker disconnected, fell silent past the
+lease, held it past its time limit, or gave it back) counts; at the project's ``max_reissues``
+the project fails with the last cause, so a livelock ends.
+
+Who gets which task. Free slots are served first, one task per worker per pass. The task comes
+from a project whose whole rest fits in one round of the workers (it then ends at once), else
+from the project with the fewest tasks in flight, ties to the one served least recently: every
+project gets an even share of the workers whatever its size. Beyond its slots a worker holds
+tasks only to hide its round trip: the server measures the round trip (less the ``held`` time
+the worker reports) and each project's time per task (the ``service`` times reported), and a
+busy worker gets a task of a project ahead only when the work in its hands would run out within
+PREFETCH_MARGIN round trips (the bandwidth-delay product; at most MAX_PREFETCH_PER_SLOT per
+slot). It is woken for that (``WakeAt``), so a task is held ahead just in time and a project
+submitted meanwhile is not queued behind it. Nothing is held ahead of a task of unknown length,
+and a project not measured yet is held at most one per slot. A free slot with nothing queued
+takes the last unstarted task of the worker holding the most (``RecallTasks``), unless it would
+start there before it could reach the idle worker; if the holder had started it after all, the
+first result wins.
 
 What clients say is bounded here too. A worker's slots are capped at ``max_slots``, and the
 tasks it holds plus its unused credit at ``slots * (1 + MAX_PREFETCH_PER_SLOT)``: credit beyond
@@ -44,9 +66,8 @@ is re-issued as if its lease had expired (it is told to abandon them), uncounted
 the overdue ones are counted (``tasks_overdue``), and the worker gets no new task until it
 answers one it holds.
 
-Workers are served one task per pass in turn, and each pass takes projects in rotation, so
-several projects share the workers fairly whatever their sizes. Creators stream tasks under a
-credit window so the server never holds more than a bounded number of queued tasks per project.
+Creators stream tasks under a credit window so the server never holds more than a bounded
+number of queued tasks per project.
 """
 
 from __future__ import annotations
@@ -76,6 +97,8 @@ TASK_TRANSITIONS: dict[tuple[TaskState, str], TaskState] = {
     (TaskState.LEASED, "worker_lost"): TaskState.QUEUED,
     (TaskState.LEASED, "lease_expired"): TaskState.QUEUED,
     (TaskState.LEASED, "rejected"): TaskState.QUEUED,
+    # an idle worker takes it before its holder started it (then leased to the idle one)
+    (TaskState.LEASED, "recalled"): TaskState.QUEUED,
     (TaskState.LEASED, "attempt_failed"): TaskState.QUEUED,
     (TaskState.LEASED, "attempts_exhausted"): TaskState.FAILED,
     # an earlier attempt's result arrives while the task waits for another go
@@ -488,6 +511,8 @@ class Scheduler:
         elif outcome == "stop":
             items = task.items  # the creator maps the stopping value to its item with them
             self._complete(project, task, worker, result, now, forward=False)
+            # a stopped project's result is the stopping value alone
+            project.items_kept = result.n_kept
             self._finish(project, "stopped", now, stop=[task.seq, items, result.payload])
         elif outcome == "error":
             error = dict(result.error or {})

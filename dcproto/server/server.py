@@ -108,6 +108,7 @@ class ServerConnection(asyncio.Protocol):
         self._tls: asyncio.Task[None] | None = None  # the TLS handshake, while it runs
         self._refusal: asyncio.TimerHandle | None = None  # a failed login's delayed answer
         self.replays = Replays()  # results to replay after Attach, streamed (Server._pump)
+        self.watching: set[str] = set()  # projects it follows (Attach with watch)
         self.paused = False  # the transport's buffer is past its high-water mark
         self.pump_scheduled = False
 
@@ -405,6 +406,8 @@ class Server:
         self.connections: dict[str, ServerConnection] = {}
         self.workers: dict[str, ServerConnection] = {}
         self.creators: dict[str, ServerConnection] = {}
+        # running project -> connections that follow it without feeding it (Attach watch)
+        self.watchers: dict[str, dict[str, ServerConnection]] = {}
         self.connection_ids = itertools.count(1)
         self._dirty: dict[str, ServerConnection] = {}
         self._flush_scheduled = False
@@ -795,10 +798,17 @@ class Server:
                         conn.identity or "", conn.token_role or "", row["owner"]
                     )
                 ]
+                for row in projects:
+                    live = self.scheduler.projects.get(row["project_id"])
+                    if live is not None:  # running: the counts of now
+                        row["tasks_done"], row["items_done"] = live.tasks_done, live.items_done
                 conn.send(p.ProjectList(ref=message.ref, projects=projects))
             case p.Cancel():
+                running = self.scheduler.projects.get(message.project_id)
                 if self._may_access(conn, message.project_id):
-                    self._run(self.scheduler.cancel(conn.conn_id, message.project_id, now))
+                    if running is not None:  # its owner (or an admin), bound to it or not
+                        owner = running.creator_id
+                        self._run(self.scheduler.cancel(owner, running.project_id, now))
                 else:
                     log.warning("%s: Cancel of a project it does not own", conn.conn_id)
             case p.Goodbye() | p.Error():
@@ -1006,6 +1016,23 @@ class Server:
         already has."""
         self._commit()  # so that the replay below reads every result accepted so far
         project_id = attach.project_id
+        running = self.scheduler.projects.get(project_id)
+        if attach.watch and running is not None and running.status == "running":
+            self._replay(conn, project_id, None)  # first: live results are held back from now
+            conn.watching.add(project_id)
+            self.watchers.setdefault(project_id, {})[conn.conn_id] = conn
+            conn.send(
+                p.Attached(
+                    ref=attach.ref,
+                    project_id=project_id,
+                    status="running",
+                    stored=running.tasks_received,
+                    items_stored=running.items_received,
+                    ended=running.total_tasks is not None,
+                    credit=0,
+                )
+            )
+            return
         actions = self.scheduler.attach(conn.conn_id, attach.ref, project_id, now)
         stored = self.store.project(project_id)
         if actions:
@@ -1121,6 +1148,12 @@ class Server:
 
     def lost(self, conn: ServerConnection) -> None:
         conn.replays.clear()
+        for project_id in conn.watching:
+            watchers = self.watchers.get(project_id, {})
+            watchers.pop(conn.conn_id, None)
+            if not watchers:
+                self.watchers.pop(project_id, None)
+        conn.watching.clear()
         self.admission.done(conn.conn_id)
         self.connections.pop(conn.conn_id, None)
         self._dirty.pop(conn.conn_id, None)
@@ -1171,7 +1204,13 @@ class Server:
                     conn = self.creators.get(creator_id or "")
                     if conn is not None:
                         self._to_creator(conn, message)
+                    project_id = getattr(message, "project_id", "")
+                    for watcher in self.watchers.get(project_id, {}).values():
+                        if watcher is not conn:
+                            self._to_creator(watcher, message)
                     if isinstance(message, p.Finished):
+                        for watcher in self.watchers.pop(project_id, {}).values():
+                            watcher.watching.discard(project_id)
                         self._finished(message)
         while self._over_quota:  # the result that went past the quota is kept; no more are
             self._fail_over_quota(self._over_quota.pop())

@@ -666,9 +666,11 @@ class Store:
         return 0 if row is None else int(row[0])
 
     def projects(self) -> list[dict[str, Any]]:
+        """One row per project; ``tasks_done`` and ``items_done`` are those of a finished
+        project's final stats (None while it runs: the scheduler knows them)."""
         rows = self._db.execute(
             "SELECT project_id, name, status, submitted_at, finished_at, total_tasks, "
-            "tasks_received, released, owner FROM projects ORDER BY submitted_at"
+            "tasks_received, released, owner, stats FROM projects ORDER BY submitted_at"
         ).fetchall()
         keys = (
             "project_id",
@@ -681,7 +683,18 @@ class Store:
             "released",
             "owner",
         )
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        out = []
+        for row in rows:
+            record = dict(zip(keys, row[:-1], strict=True))
+            try:
+                stats = json.loads(row[-1]) if row[-1] else {}
+            except ValueError:
+                stats = {}
+            for name in ("tasks_done", "items_done"):
+                value = stats.get(name) if isinstance(stats, dict) else None
+                record[name] = value if type(value) is int else None
+            out.append(record)
+        return out
 
 
 _PROJECT_SELECT = (
