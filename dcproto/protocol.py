@@ -58,9 +58,24 @@ MAX_TEXT = 4096  # names, reasons and messages
 MAX_NAME = 200  # project, device and method names
 MAX_MODULES = 256
 MAX_FILES = 1000  # extra files of one task
+MAX_TRUSTED = 256  # creators one worker may name in WorkerState.trust
 
 ROLES = ("worker", "creator")
-RESULT_OUTCOMES = ("ok", "stop", "error", "crash", "timeout", "abandoned", "load_error")
+RESULT_OUTCOMES = (
+    "ok",
+    "stop",
+    "error",
+    "crash",
+    "timeout",
+    "abandoned",
+    "load_error",
+    # a cap the volunteer set was hit: failed attempts, retried elsewhere like a crash
+    "memory",
+    "cpu_time",
+    "disk",
+)
+#: outcomes that are failed attempts (counted against max_attempts)
+FAILED_ATTEMPTS = ("crash", "timeout", "memory", "cpu_time", "disk")
 PROJECT_STATUSES = ("done", "stopped", "failed", "cancelled")
 ERROR_POLICIES = ("raise", "skip")
 
@@ -159,6 +174,25 @@ class Credit(Message):
 
     TYPE = 10
     credit: int
+
+
+@_msg
+class WorkerState(Message):
+    """Worker -> server: what the volunteer decided, and what the worker uses. ``paused``: give
+    it no task until it says otherwise (it hands back what it has not started). ``trust``:
+    the names of the creators (token names) whose projects it runs; empty for every creator.
+    ``usage``: figures for the server's view of the worker (e.g. ``cpu_percent``,
+    ``rss_bytes``, ``paused_by``); ignore unknown keys. Sent after Welcome when any differs
+    from the default (not paused, trusting all), and whenever they change."""
+
+    TYPE = 17
+    paused: bool
+    trust: list[str]
+    usage: dict[str, Any]
+
+    def _validate(self) -> None:
+        if any(len(name) > MAX_NAME for name in self.trust):
+            raise ValueError(f"a trusted creator's name is longer than {MAX_NAME} characters")
 
 
 @_msg
@@ -457,6 +491,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Result,
     Abandon,
     Recall,
+    WorkerState,
     Submit,
     Accepted,
     Tasks,
@@ -663,6 +698,7 @@ LENGTHS: dict[tuple[str, str], int] = {
     ("Result", "files"): MAX_FILES,
     ("Abandon", "task_ids"): MAX_CREDIT,
     ("Recall", "task_ids"): MAX_CREDIT,
+    ("WorkerState", "trust"): MAX_TRUSTED,
     ("Submit", "name"): MAX_NAME,
     ("Submit", "modules"): MAX_MODULES,
     ("Submit", "parallel"): MAX_NAME,
@@ -824,7 +860,7 @@ class State(enum.Enum):
 
 
 _ALWAYS = frozenset({Error, Goodbye, Heartbeat})
-_WORKER_TO_SERVER = frozenset({Credit, Reject, Result}) | _ALWAYS
+_WORKER_TO_SERVER = frozenset({Credit, Reject, Result, WorkerState}) | _ALWAYS
 _CREATOR_TO_SERVER = (
     frozenset({Submit, Tasks, End, Cancel, Attach, Release, ListProjects}) | _ALWAYS
 )

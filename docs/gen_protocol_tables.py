@@ -99,6 +99,9 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Result", "credit"): "Credit handed back with this result (0 = none).",
     ("Abandon", "task_ids"): "Tasks to stop; each is still answered by one Result.",
     ("Recall", "task_ids"): "Tasks to give back if not started; each is answered by one Result.",
+    ("WorkerState", "paused"): "True: send it no task (it hands back what it has not started).",
+    ("WorkerState", "trust"): "Token names of the creators whose projects it runs; empty: all.",
+    ("WorkerState", "usage"): "Figures for the server's view of the worker (CPU, memory...).",
     ("Submit", "project_id"): "Creator-chosen id (a random UUID's hex), unique on the server.",
     ("Submit", "name"): "Project name, for logs and notices.",
     ("Submit", "code"): "The pickled project class (opaque to the server).",
@@ -169,6 +172,7 @@ VALIDATION: dict[str, list[str]] = {
         "`n_kept` <= `n_items`",
         _FILES_RULE,
     ],
+    "WorkerState": [f"each name in `trust` has at most {p.MAX_NAME} characters"],
     "Submit": [
         "`project_id` is 1 to 64 characters of `A-Z a-z 0-9 _ -`",
         f"each `modules` entry is 1 to {p.MAX_NAME} characters",

@@ -57,6 +57,7 @@ from dcproto.protocol import (
     TaskDone,
     Tasks,
     Welcome,
+    WorkerState,
     decode,
     encode,
 )
@@ -163,6 +164,7 @@ SAMPLES: dict[type[Message], Message] = {
     Result: result(),
     Abandon: Abandon(task_ids=[1, 2, 2**53]),
     Recall: Recall(task_ids=[3, 2**53]),
+    WorkerState: WorkerState(paused=True, trust=["alice", "bob"], usage={"cpu_percent": 12.5}),
     Submit: Submit(
         project_id="p-1",
         name="squares",
@@ -221,6 +223,7 @@ VARIANTS: list[Message] = [
     Tasks(project_id="p", tasks=[]),
     Abandon(task_ids=[]),
     Recall(task_ids=[]),
+    WorkerState(paused=False, trust=[], usage={}),
     Error(code="", message=""),
 ]
 
@@ -433,7 +436,7 @@ def test_bodies_that_are_not_arrays_starting_with_an_int(value: Any) -> None:
     assert "array starting with a type number" in str(info.value)
 
 
-@pytest.mark.parametrize("number", [0, 7, 9, 17, 19, 34, 255, -1, 2**64 - 1, -(2**63)])
+@pytest.mark.parametrize("number", [0, 7, 9, 18, 19, 34, 255, -1, 2**64 - 1, -(2**63)])
 def test_unknown_type_numbers(number: int) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         decode(msgpack.packb([number, "x"]))

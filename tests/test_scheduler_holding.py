@@ -15,6 +15,8 @@ from test_scheduler import (
     join,
     make_end,
     make_result,
+    make_submit,
+    make_tasks,
     measured,
     new_project,
     one,
@@ -29,6 +31,7 @@ from dcproto.server.scheduler import (
     PREFETCH_MARGIN,
     RecallTasks,
     Scheduler,
+    ToCreator,
     WakeAt,
 )
 
@@ -269,3 +272,45 @@ def test_a_task_is_held_ahead_only_just_in_time() -> None:
     actions = valid(s.tick(wake.when))
     assert [(t.worker_id, t.message.project_id) for t in sends(actions)] == [("A", "SMALL")]
     assert list(s.workers["A"].waiting) == [sends(actions)[0].message.task_id]
+
+
+def test_a_paused_worker_gets_nothing_and_its_unstarted_tasks_go_elsewhere() -> None:
+    s = Scheduler()
+    new_project(s)
+    add(s, "P", range(1))
+    sends(join(s, "A", credit=10, slots=1))
+    measured(s, "A", per_slot=2)
+    sends(add(s, "P", range(1, 3)))
+    assert list(s.workers["A"].waiting) == [2, 3]
+    actions = valid(s.worker_state("A", paused=True, trust=[], now=1.0))
+    assert [(a.worker_id, a.task_ids) for a in actions if isinstance(a, RecallTasks)] == [
+        ("A", [2, 3])
+    ]
+    assert s.workers["A"].leased == {1}  # the running one stays, paused with it
+    assert sends(s.worker_credit("A", 1, 1.1)) == []
+    # its give-back answers are no fault of anyone's
+    assert sent(join(s, "B", credit=2, slots=2, now=1.2)) == [("B", 2, 2), ("B", 3, 2)]
+    assert s.projects["P"].tasks_reissued == 0
+    assert sends(s.worker_state("A", paused=False, trust=[], now=2.0)) == []
+    add(s, "P", range(3, 4), now=2.1)
+    assert s.workers["A"].leased == {1, 4}
+
+
+def test_a_worker_runs_only_the_projects_of_creators_it_trusts() -> None:
+    s = Scheduler()
+    s.submit("c1", make_submit("ALICE"), 0.0, owner="alice")
+    s.submit("c2", make_submit("BOB"), 0.0, owner="bob")
+    join(s, "W", slots=4)
+    s.worker_state("W", paused=False, trust=["bob"], now=0.0)
+    s.add_tasks("c1", make_tasks("ALICE", range(2)), 0.0)
+    actions = valid(s.worker_credit("W", 4, 0.1))
+    assert sends(actions) == []
+    # nobody connected runs it: its creator is told
+    notices = [a.message for a in actions if isinstance(a, ToCreator)]
+    notices += [
+        a.message
+        for a in valid(s.add_tasks("c2", make_tasks("BOB", range(2)), 0.2))
+        if isinstance(a, ToCreator)
+    ]
+    assert {t.message.project_id for t in sends(s.tick(0.3))} <= {"BOB"}
+    assert {s.tasks[t].project_id for t in s.workers["W"].leased} == {"BOB"}

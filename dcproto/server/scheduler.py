@@ -276,6 +276,7 @@ class ProjectRecord:
     first_started_at: float | None = None
     finished_at: float | None = None
     unrunnable_noticed: bool = False
+    owner: str = ""  # the token name that submitted it (see WorkerRecord.trust)
     task_seconds: float | None = None  # moving average of a slot's time per task
     served: int = 0  # when it last got a worker (a counter; 0: never), for ties
 
@@ -304,10 +305,18 @@ class WorkerRecord:
     rtt: float | None = None  # round trip to it, without the time it held a task
     prefetch: int = 0  # tasks it may hold beyond its slots, from its latest result
     wake_at: float | None = None  # when it is next due a task held ahead
+    paused: bool = False  # its volunteer paused it: no new task until resumed
+    trust: frozenset[str] = frozenset()  # owners whose projects it runs; empty: every one
 
     @property
     def blocked(self) -> bool:
-        return self.suspect or self.overdue
+        return self.suspect or self.overdue or self.paused
+
+    def may_run(self, project: ProjectRecord) -> bool:
+        """Whether it runs ``project``: not rejected, and of a creator it trusts."""
+        return self.worker_id not in project.rejected_by and (
+            not self.trust or project.owner in self.trust
+        )
 
     @property
     def running(self) -> int:
@@ -435,6 +444,34 @@ class Scheduler:
             self._check_runnable(project, now)
         return self._flush(now)
 
+    def worker_state(
+        self, worker_id: str, *, paused: bool, trust: list[str], now: float
+    ) -> list[Action]:
+        """The volunteer paused or resumed the worker, or chose whose projects it runs. A
+        paused worker gets no task, and what it holds unstarted goes to other workers; its
+        running tasks stay with it (paused, not killed). A project it no longer trusts is
+        treated as rejected by it."""
+        worker = self.workers[worker_id]
+        worker.last_seen = now
+        worker.paused = paused
+        worker.trust = frozenset(trust)
+        if paused:
+            recalled = list(worker.waiting)
+            for task_id in reversed(recalled):  # each goes to the front: keep their order
+                self._requeue(self.tasks[task_id])
+            if recalled:
+                self._actions.append(RecallTasks(worker.worker_id, recalled))
+        for task_id in list(worker.leased):
+            task = self.tasks[task_id]
+            if not worker.may_run(self.projects[task.project_id]) and task_id in worker.waiting:
+                self._requeue(task)
+                self._actions.append(RecallTasks(worker.worker_id, [task_id]))
+        self._refresh(worker)
+        for project in list(self.projects.values()):
+            project.unrunnable_noticed = False
+            self._check_runnable(project, now)
+        return self._flush(now)
+
     def worker_rejects(
         self, worker_id: str, project_id: str, reason: str, now: float
     ) -> list[Action]:
@@ -526,9 +563,10 @@ class Scheduler:
             project.rejected_by.add(worker_id)
             self._check_runnable(project, now, reason=message)
         elif outcome == "abandoned":
-            # the worker gave the task back on its own (e.g. it is shutting down)
-            self._requeue(task, reissue="its worker gave it back")
-        else:  # crash or timeout: a failed attempt
+            # the worker gave the task back on its own (shutting down: counted; paused by its
+            # volunteer: not a fault)
+            self._requeue(task, reissue="" if worker.paused else "its worker gave it back")
+        else:  # crash, timeout or a volunteer's cap (memory, cpu_time, disk): failed attempt
             task.failures += 1
             task.failed_on.add(worker_id)
             if task.failures >= project.options["max_attempts"]:
@@ -642,10 +680,14 @@ class Scheduler:
 
     # ---- creators ----------------------------------------------------------------------------
 
-    def submit(self, creator_id: str | None, submit: p.Submit, now: float) -> list[Action]:
-        """Register a project. Its creator came with ``INITIAL_CREDIT`` and is granted the rest
-        of its window. Raises ValueError (bad options, an id in use)."""
+    def submit(
+        self, creator_id: str | None, submit: p.Submit, now: float, *, owner: str = ""
+    ) -> list[Action]:
+        """Register a project of ``owner`` (a token name). Its creator came with
+        ``INITIAL_CREDIT`` and is granted the rest of its window. Raises ValueError (bad
+        options, an id in use)."""
         project = self._register(creator_id, submit.project_id, submit, now)
+        project.owner = owner
         project.credit_outstanding = max(self._window(), p.INITIAL_CREDIT)
         self._actions.append(
             ToCreator(
@@ -798,12 +840,14 @@ class Scheduler:
         total_tasks: int | None,
         done: tuple[int, int, int],
         now: float,
+        owner: str = "",
     ) -> list[Action]:
         """Take back a running project from durable state after a restart, with no creator
         attached. ``tasks`` are its unfinished (task_id, seq, items, n_items); ``done`` the
         (tasks, items, kept) counts of its stored results. The tasks have no leaseholders:
         a result a worker computed before the restart is dropped, and the task runs again."""
         project = self._register(None, project_id, submit, submitted_at)
+        project.owner = owner
         project.tasks_received = tasks_received
         project.items_received = items_received
         project.total_tasks = total_tasks
@@ -1136,7 +1180,7 @@ class Scheduler:
         """Say so (or fail) when every connected worker has rejected a project with work."""
         if project.status != "running" or not self.workers or not project.has_queued():
             return
-        if any(w not in project.rejected_by for w in self.workers):
+        if any(w.may_run(project) for w in self.workers.values()):
             return
         text = f"no connected worker can run project {project.name!r}"
         if reason:
@@ -1194,7 +1238,7 @@ class Scheduler:
             if project is None or project.status != "running" or not project.has_queued():
                 stale = True
                 continue
-            if worker.worker_id in project.rejected_by:
+            if not worker.may_run(project):
                 continue
             # a project whose whole rest fits in one round of the workers goes first: it
             # ends at once, and the others lose one task's time
@@ -1325,7 +1369,7 @@ class Scheduler:
         for position, task_id in enumerate(reversed(victim.waiting)):
             task = self.tasks[task_id]
             project = self.projects[task.project_id]
-            if idle.worker_id in project.rejected_by or idle.worker_id in task.failed_on:
+            if not idle.may_run(project) or idle.worker_id in task.failed_on:
                 continue
             seconds = project.task_seconds
             starts_in = (len(victim.waiting) - position) / victim.slots * (seconds or 0.0)

@@ -109,6 +109,7 @@ class ServerConnection(asyncio.Protocol):
         self._refusal: asyncio.TimerHandle | None = None  # a failed login's delayed answer
         self.replays = Replays()  # results to replay after Attach, streamed (Server._pump)
         self.watching: set[str] = set()  # projects it follows (Attach with watch)
+        self.worker_state: p.WorkerState | None = None  # a worker's latest, if it sent one
         self.paused = False  # the transport's buffer is past its high-water mark
         self.pump_scheduled = False
 
@@ -608,6 +609,7 @@ class Server:
                 total_tasks=stored.total_tasks,
                 done=self.store.done_counts(stored.project_id),
                 now=now,
+                owner=stored.owner or "",
             )
             self._run(actions)
             log.info(
@@ -737,6 +739,21 @@ class Server:
                 self._hello(conn, message, now)
             case p.Credit():
                 self._run(self.scheduler.worker_credit(conn.conn_id, message.credit, now))
+            case p.WorkerState():
+                was = conn.worker_state
+                conn.worker_state = message
+                if was is None or was.paused != message.paused or was.trust != message.trust:
+                    log.info(
+                        "worker %s %s%s",
+                        peer_text(conn.name, 60),
+                        "paused" if message.paused else "running",
+                        f", for {len(message.trust)} trusted creators" if message.trust else "",
+                    )
+                self._run(
+                    self.scheduler.worker_state(
+                        conn.conn_id, paused=message.paused, trust=message.trust, now=now
+                    )
+                )
             case p.Result():
                 self._run(self.scheduler.task_result(conn.conn_id, message, now))
             case p.Reject():
@@ -971,7 +988,7 @@ class Server:
             self._refuse(conn, project_id, *refusal)
             return
         try:
-            actions = self.scheduler.submit(conn.conn_id, submit, now)
+            actions = self.scheduler.submit(conn.conn_id, submit, now, owner=owner)
         except ValueError as exc:
             self._refuse(conn, project_id, "bad_options", str(exc))
             return
