@@ -381,6 +381,23 @@ def notes(context: dict[str, Any]) -> list[str]:
             "bench process itself).",
         ),
         (
+            ("late-joiner",),
+            f"Late joiner: each repetition starts 2 fresh worker slots, warms them on "
+            f"{w.LATE_WARM} one-item `x + 1` tasks, submits {w.LATE_TASKS} one-item tasks that "
+            f"each sleep {w.LATE_TASK_S:g} s (sleep, not spin: the figure is about scheduling "
+            "whatever else loads the machine) and starts a third slot "
+            f"{w.LATE_JOIN_S:g} s after the submit; timed from the submit to the last result "
+            "(ideal about 4-5 s: 12 s of work on 2 slots for the first second, then on 3). "
+            "dcproto: a fresh `dcproto-server` with two `dcproto-worker --slots 1` processes, "
+            "a third started by a timer; the project a class through `Distribute` "
+            "(`results_path` in a temporary dir); the late slot's count from the project's "
+            "per-worker stats. Dask: a fresh `LocalCluster(n_workers=2, threads_per_worker=1, "
+            "processes=True)`, `client.map`, `cluster.scale(3)` at the join; the count from "
+            "`who_has`. Ray: see its cell note. Pool and PPE cannot add a process: the same "
+            "tasks on their 2, so their ratio is not like for like; the serial loop does not "
+            "run it.",
+        ),
+        (
             ("startup",),
             "Fresh start-up: a new interpreter per repetition; dcproto is the embedded default "
             "(`Distribute` without user_name, `local_workers=2`) from `Project()` to the first "

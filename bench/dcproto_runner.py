@@ -135,8 +135,11 @@ class DcprotoSystem(System):
         self.token_setup_s = 0.0
         self.server: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []  # every worker started, in order
         self._extra: dict[str, float] = {}
         self._logs: list[Any] = []
+        self._late_reps = 0
+        self._late_logs = ""  # the last late-joiner cluster's, if it failed
 
     # ---- processes ---------------------------------------------------------------------------
 
@@ -152,6 +155,13 @@ class DcprotoSystem(System):
         )  # fmt: skip
 
     def start(self) -> None:
+        self.start_server()
+        self.worker = self.add_worker("bench-worker", w.SLOTS, "worker.log")
+        if self.single(w.plus_one, 0) != 1:
+            raise RuntimeError("dcproto: wrong first result")
+
+    def start_server(self) -> None:
+        """The server, the two tokens, and the named user in the config dir."""
         state_dir = self.workdir / "state"
         self.server = self._popen(
             [
@@ -174,33 +184,43 @@ class DcprotoSystem(System):
             raise RuntimeError(f"dcproto-server: insecure={creds.insecure}, not {self.insecure}")
         self.credentials = creds
         add_user(creds.user(self.user))
-        self.worker = self._popen(
+
+    def add_worker(
+        self, name: str, slots: int, log_name: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A ``dcproto-worker connect`` process for the running server."""
+        creds = self.credentials
+        assert creds is not None
+        proc = self._popen(
             [
                 *console_script("dcproto-worker", "dcproto.worker.worker"),
-                "connect", f"{host}:{port}",
+                "connect", f"{creds.host}:{creds.port}",
                 *creds.worker_args(),
-                "--slots", str(w.SLOTS),
-                "--name", "bench-worker",
+                "--slots", str(slots),
+                "--name", name,
                 "--log-level", "WARNING",
             ],
-            "worker.log",
+            log_name or f"{name}.log",
         )  # fmt: skip
-        if self.single(w.plus_one, 0) != 1:
-            raise RuntimeError("dcproto: wrong first result")
+        self.workers.append(proc)
+        return proc
 
     def close(self) -> None:
-        stop_process(self.worker)
+        for proc in self.workers:
+            stop_process(proc)
         stop_process(self.server)
         for log in self._logs:
             log.close()
 
     def log_tail(self, lines: int = 20) -> str:
         out = []
-        for name in ("server.log", "worker.log"):
+        for name in ("server.log", "worker.log", "w1.log", "w2.log", "late.log"):
             path = self.workdir / name
             if path.exists():
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
                 out.append(f"--- {name}\n" + "\n".join(tail))
+        if self._late_logs:
+            out.append(f"--- the failed late-joiner cluster\n{self._late_logs}")
         return "\n".join(out)
 
     # ---- projects ----------------------------------------------------------------------------
@@ -283,3 +303,51 @@ class DcprotoSystem(System):
 
     def last_extra(self) -> dict[str, float]:
         return self._extra
+
+    def late_joiner(self) -> tuple[dict, int | None, float]:
+        """A fresh server with two 1-slot workers per repetition (``<workdir>/late-joiner-N``,
+        same transport and timeout), warmed; the project is a class submitted with
+        ``Distribute`` (``results_path`` in that dir); the third 1-slot worker process is
+        started by a timer ``LATE_JOIN_S`` after the submit."""
+        self._late_reps += 1
+        where = self.workdir / f"late-joiner-{self._late_reps}"
+        where.mkdir()
+        cluster = DcprotoSystem(
+            where, self.timeout, user=f"{self.user}-late{self._late_reps}", insecure=self.insecure
+        )
+        timer: threading.Timer | None = None
+        try:
+            cluster.start_server()
+            for name in ("w1", "w2"):
+                cluster.add_worker(name, 1)
+            cluster.map_items(w.plus_one, range(w.LATE_WARM), 1)
+
+            class LateJoiner:
+                parallel_func = staticmethod(w.sleep_task)
+
+            project_class = Distribute(
+                user_name=cluster.user,
+                iterator=range(w.LATE_TASKS),
+                task_size=1,
+                results_path=where / "results",
+            )(LateJoiner)
+            timer = threading.Timer(w.LATE_JOIN_S, cluster.add_worker, args=("late", 1))
+            began = time.perf_counter()
+            timer.start()
+            project = project_class()
+            try:
+                results = project.get_results(timeout=self.timeout)
+            except TimeoutError:
+                project.cancel()
+                raise
+            wall = time.perf_counter() - began
+            late = int(project.stats.get("per_worker", {}).get("late", 0))
+        except Exception:
+            self._late_logs = cluster.log_tail()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+                timer.join()
+            cluster.close()
+        return results, late, wall

@@ -19,6 +19,10 @@ from bench import workloads as w
 Handle = Any
 
 
+class Unsupported(Exception):
+    """The system cannot express this workload; the message says why (shown in the report)."""
+
+
 class Windowed(Protocol):
     """A peer that submits chunk by chunk, with at most ``WINDOW`` chunks in flight."""
 
@@ -69,6 +73,18 @@ class System:
     def last_extra(self) -> dict[str, float]:
         """Extra metrics of the last ``filter`` call (dcproto: peak RSS)."""
         return {}
+
+    def late_joiner(self) -> tuple[dict, int | None, float]:
+        """Two fresh slots warmed on ``LATE_WARM`` one-item ``plus_one`` tasks; then
+        ``LATE_TASKS`` one-item ``sleep_task`` tasks over ``range(LATE_TASKS)`` are submitted
+        and a third slot joins ``LATE_JOIN_S`` later. Returns ``{item: value}``, the number of
+        tasks the late slot ran (None: no late slot could be added) and the seconds from the
+        submit to the last result."""
+        raise Unsupported(f"{self.name} has no late-joiner")
+
+    def note(self, workload: str) -> str | None:
+        """What this system did differently on ``workload`` (a footnote in the report)."""
+        return None
 
 
 def run_windowed(
@@ -218,6 +234,15 @@ def _filter(system: System, sizes: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def _late_joiner(system: System, sizes: dict[str, Any]) -> dict[str, float]:
+    results, late, wall = system.late_joiner()
+    _check(results == {i: i for i in range(w.LATE_TASKS)}, "late-joiner")
+    out = {"wall_s": wall}
+    if late is not None:
+        out["late_tasks"] = float(late)
+    return out
+
+
 def _warm(system: System, workload: str, sizes: dict[str, Any]) -> None:
     """A tiny, untimed version of the workload (imports, first pickles, code paths)."""
     slots = w.SLOTS
@@ -237,6 +262,7 @@ def _warm(system: System, workload: str, sizes: dict[str, Any]) -> None:
         system.single(w.plus_one, 0)
     elif workload == "filter":
         system.filter(w.plus_one, w.keep_one_in_10k, range(20_000), sizes["filter_task_size"])
+    # late-joiner: every repetition warms slots of its own
 
 
 def warm_system(system: System) -> None:
@@ -253,6 +279,7 @@ RUNNERS: dict[str, Callable[[System, dict[str, Any]], dict[str, float]]] = {
     "payload": _payload,
     "early-stop": _early_stop,
     "filter": _filter,
+    "late-joiner": _late_joiner,
 }
 
 
@@ -269,7 +296,8 @@ def run_workload(
     on_rep: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Warm, then ``reps`` timed repetitions: ``{"reps": [...], "median": {...}}``, or
-    ``{"error": ...}`` with whatever repetitions finished."""
+    ``{"error": ...}`` with whatever repetitions finished, or ``{"unsupported": why}``; with
+    ``"note"`` when the system says it ran the workload its own way."""
     done: list[dict[str, float]] = []
     try:
         _warm(system, workload, sizes)
@@ -277,6 +305,8 @@ def run_workload(
             done.append(RUNNERS[workload](system, sizes))
             if on_rep is not None:
                 on_rep(rep)
+    except Unsupported as exc:
+        return {"unsupported": str(exc)}
     except Exception as exc:
         out: dict[str, Any] = {
             "error": f"{type(exc).__name__}: {exc}",
@@ -285,5 +315,10 @@ def run_workload(
         }
         if done:
             out["median"] = medians(done)
+        if note := system.note(workload):
+            out["note"] = note
         return out
-    return {"reps": done, "median": medians(done)}
+    out = {"reps": done, "median": medians(done)}
+    if note := system.note(workload):
+        out["note"] = note
+    return out

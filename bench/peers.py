@@ -23,6 +23,7 @@ from bench import workloads as w
 from bench.harness import (
     Handle,
     System,
+    Unsupported,
     run_workload,
     warm_system,
     windowed_early_stop,
@@ -30,6 +31,26 @@ from bench.harness import (
 )
 
 MARK = "@@bench "
+FIXED_TWO = "cannot add a worker: 2 processes throughout"
+
+
+def fixed_late_joiner(
+    map_fn: Callable[[Callable[[Any], Any], list[Any]], list[Any]],
+) -> tuple[dict, None, float]:
+    """The late-joiner on a pool that cannot grow: the same tasks on its 2 processes."""
+    map_fn(w.plus_one, list(range(w.LATE_WARM)))
+    items = list(range(w.LATE_TASKS))
+    began = time.perf_counter()
+    values = map_fn(w.sleep_task, items)
+    wall = time.perf_counter() - began
+    return dict(zip(items, values, strict=True)), None, wall
+
+
+def ray_sleep(x: int) -> tuple[int, str]:
+    """``sleep_task`` in a Ray worker, with the node it ran on."""
+    import ray
+
+    return w.sleep_task(x), ray.get_runtime_context().get_node_id()
 
 
 class Serial(System):
@@ -54,6 +75,9 @@ class Serial(System):
             if fn(x):
                 return x, time.perf_counter()
         raise RuntimeError("early stop: no item matched")
+
+    def late_joiner(self) -> tuple[dict, int | None, float]:
+        raise Unsupported("one process: no worker slots to add to")
 
     def filter(
         self,
@@ -125,6 +149,12 @@ class Pool(System):
             out.update(pairs)
         return out
 
+    def late_joiner(self) -> tuple[dict, int | None, float]:
+        return fixed_late_joiner(lambda fn, items: self._get().map(fn, items, chunksize=1))
+
+    def note(self, workload: str) -> str | None:
+        return FIXED_TWO if workload == "late-joiner" else None
+
 
 class _Futures(System):
     """Shared by the peers whose early stop and filter go through ``run_windowed``."""
@@ -162,6 +192,12 @@ class PPE(_Futures):
 
     def single(self, fn: Callable[[Any], Any], x: Any) -> Any:
         return self.ex.submit(fn, x).result()
+
+    def late_joiner(self) -> tuple[dict, int | None, float]:
+        return fixed_late_joiner(lambda fn, items: list(self.ex.map(fn, items)))
+
+    def note(self, workload: str) -> str | None:
+        return FIXED_TWO if workload == "late-joiner" else None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Handle:
         return self.ex.submit(fn, *args)
@@ -213,6 +249,31 @@ class Dask(_Futures):
     def single(self, fn: Callable[[Any], Any], x: Any) -> Any:
         return self.client.submit(fn, x, pure=False).result()
 
+    def late_joiner(self) -> tuple[dict, int | None, float]:
+        """A fresh 2-worker LocalCluster per repetition; ``cluster.scale(3)`` at the join."""
+        cluster = self.dd.LocalCluster(
+            n_workers=w.SLOTS, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        try:
+            client = self.dd.Client(cluster, set_as_default=False)
+            try:
+                client.gather(client.map(w.plus_one, range(w.LATE_WARM), pure=False))
+                first = set(client.scheduler_info()["workers"])
+                items = list(range(w.LATE_TASKS))
+                began = time.perf_counter()
+                futures = client.map(w.sleep_task, items, pure=False)
+                time.sleep(max(0.0, began + w.LATE_JOIN_S - time.perf_counter()))
+                cluster.scale(w.SLOTS + 1)
+                values = client.gather(futures)
+                wall = time.perf_counter() - began
+                where = client.who_has(futures)
+                late = sum(1 for f in futures if set(where[f.key]) - first)
+            finally:
+                client.close()
+        finally:
+            cluster.close()
+        return dict(zip(items, values, strict=True)), late, wall
+
     def submit(self, fn: Callable[..., Any], *args: Any) -> Handle:
         return self.client.submit(fn, *args, pure=False)
 
@@ -238,6 +299,8 @@ class Ray(_Futures):
 
         self.ray = ray
         self._remote: dict[Any, Any] = {}
+        self._cluster: Any = None  # a ray.cluster_utils.Cluster once the late-joiner ran
+        self._late_note: str | None = None
 
     def _r(self, fn: Callable[..., Any]) -> Any:
         if fn not in self._remote:
@@ -250,6 +313,49 @@ class Ray(_Futures):
 
     def close(self) -> None:
         self.ray.shutdown()
+        if self._cluster is not None:
+            self._cluster.shutdown()
+
+    def late_joiner(self) -> tuple[dict, int | None, float]:
+        """``ray.init(num_cpus=2)`` cannot grow: the run moves (once, for good: the head has the
+        same 2 CPUs) to Ray's local multi-node utility, a head of 2 CPUs, and each repetition
+        adds a 1-CPU node at the join and removes it after. Without the utility: 2 CPUs."""
+        if self._cluster is None and self._late_note is None:
+            try:
+                from ray.cluster_utils import Cluster
+            except ImportError as exc:
+                self._late_note = f"cannot express a late worker locally ({exc}): 2 CPUs throughout"
+            else:
+                self.ray.shutdown()
+                self._cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": w.SLOTS})
+                self.ray.init(address=self._cluster.address)
+                self._late_note = (
+                    "the third slot is a second local node, `ray.cluster_utils.Cluster"
+                    "(head_node_args={'num_cpus': 2}).add_node(num_cpus=1)` (Ray's multi-node "
+                    "test utility: `ray.init(num_cpus=2)` cannot grow); add_node blocks until "
+                    "the node's raylet is up"
+                )
+        self.ray.get([self._r(w.plus_one).remote(i) for i in range(w.LATE_WARM)])
+        items = list(range(w.LATE_TASKS))
+        began = time.perf_counter()
+        refs = [self._r(ray_sleep).remote(i) for i in items]
+        node = None
+        if self._cluster is not None:
+            time.sleep(max(0.0, began + w.LATE_JOIN_S - time.perf_counter()))
+            node = self._cluster.add_node(num_cpus=1)  # in the main thread: Ray requires it
+        try:
+            pairs = self.ray.get(refs)
+            wall = time.perf_counter() - began
+        finally:
+            if node is not None:
+                self._cluster.remove_node(node)
+        values = dict(zip(items, [value for value, _ in pairs], strict=True))
+        if node is None:
+            return values, None, wall
+        return values, sum(1 for _, where in pairs if where == node.node_id), wall
+
+    def note(self, workload: str) -> str | None:
+        return self._late_note if workload == "late-joiner" else None
 
     def map_items(self, fn: Callable[[Any], Any], items: Iterable[Any], task_size: int) -> dict:
         items = list(items)

@@ -158,6 +158,25 @@ def rows(context: dict[str, Any]) -> list[Row]:
                 text=_rss_text(n),
             )
         )
+    out += [
+        Row(
+            "late-joiner",
+            f"{w.LATE_TASKS} {X} {w.LATE_TASK_S:g} s sleep after {w.LATE_WARM} tiny tasks on 2 "
+            f"slots, a 3rd slot joins {w.LATE_JOIN_S:g} s after the submit: submit → all "
+            "results (s)",
+            LOWER,
+            get("late-joiner", "wall_s"),
+            _num(2),
+        ),
+        Row(
+            "late-joiner",
+            f"… tasks the late slot ran (of {w.LATE_TASKS})",
+            HIGHER,
+            get("late-joiner", "late_tasks"),
+            lambda v: f"{v:g}",
+            ratio=False,
+        ),
+    ]
     out.append(
         Row(
             "startup",
@@ -181,6 +200,18 @@ def _problem(system: dict[str, Any], workload: str) -> tuple[str, str] | None:
     return (workload, found["error"]) if found.get("error") else None
 
 
+def _aside(system: dict[str, Any], workload: str) -> str | None:
+    """How this system ran ``workload`` its own way, or why it could not."""
+    found = system.get("workloads", {}).get(workload, {})
+    if "unsupported" in found:
+        return f"not run: {found['unsupported']}"
+    return found.get("note")
+
+
+def _letter(i: int) -> str:
+    return chr(ord("a") + i) if i < 26 else f"z{i - 25}"
+
+
 def table(context: dict[str, Any]) -> tuple[str, list[str]]:
     """The markdown table and the footnotes it refers to."""
     systems = [
@@ -190,12 +221,22 @@ def table(context: dict[str, Any]) -> tuple[str, list[str]]:
     ]
     selected = context["meta"]["workloads"]
     notes: list[str] = []
+    asides: list[str] = []  # the cell notes, [a], [b], ...
 
     def note(name: str, problem: tuple[str, str]) -> str:
         text = f"{LABELS[name]}, {problem[0]}: {problem[1]}"
         if text not in notes:
             notes.append(text)
         return f"[{notes.index(text) + 1}]"
+
+    def aside(name: str, workload: str) -> str:
+        text = _aside(context["systems"][name], workload)
+        if text is None:
+            return ""
+        text = f"{LABELS[name]}, {workload}: {text}"
+        if text not in asides:
+            asides.append(text)
+        return f" [{_letter(asides.index(text))}]"
 
     header = ["workload", "metric", "better", *(LABELS[name] for name in systems)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -215,15 +256,19 @@ def table(context: dict[str, Any]) -> tuple[str, list[str]]:
             value = row.value(system, context)
             problem = _problem(system, row.workload)
             if value is None:
-                cells.append(f"failed {note(name, problem)}" if problem else "—")
+                cell = f"failed {note(name, problem)}" if problem else "—"
+                cells.append(cell + aside(name, row.workload))
                 continue
             cell = row.fmt(value)
             if problem:  # some repetitions finished before the error
                 cell += f" {note(name, problem)}"
             if row.ratio and name != "dcproto" and base is not None and value > 0:
                 cell += f" ({X}{_ratio(base / value)})"
-            cells.append(cell)
+            cells.append(cell + aside(name, row.workload))
         lines.append(f"| {row.workload} | {row.label} | {row.better} | " + " | ".join(cells) + " |")
+    if asides:
+        lines += ["", "Cell notes:", ""]
+        lines += [f"- [{_letter(i)}] {text}" for i, text in enumerate(asides)]
     return "\n".join(lines), notes
 
 

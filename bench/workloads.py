@@ -27,6 +27,14 @@ WINDOW = 4 * SLOTS  # chunks in flight for the peers that submit chunk by chunk
 PAYLOAD_BYTES = 100 * 1024
 FILTER_KEEP_EVERY = 10_000
 
+# late-joiner: two fresh slots warmed on LATE_WARM one-item `plus_one` tasks, then LATE_TASKS
+# tasks of LATE_TASK_S each; a third slot is started LATE_JOIN_S after the submit. The same in
+# --quick: the figure is about scheduling, not size.
+LATE_WARM = 200
+LATE_TASKS = 12
+LATE_TASK_S = 1.0
+LATE_JOIN_S = 0.8
+
 FULL_SIZES: dict[str, Any] = {
     "overhead": 10_000,
     "batched": 1_000_000,
@@ -53,7 +61,10 @@ QUICK_SIZES: dict[str, Any] = {
 }
 
 # The workloads, in the order they run and are reported.
-WORKLOADS = ("overhead", "batched", "cpu", "latency", "payload", "early-stop", "filter", "startup")
+WORKLOADS = (
+    "overhead", "batched", "cpu", "latency", "payload", "early-stop", "filter", "late-joiner",
+    "startup",
+)  # fmt: skip
 
 
 # ---- per-item functions ------------------------------------------------------------------------
@@ -84,6 +95,13 @@ def stop_item(x: int) -> bool:
     """About 20 us of work; True for the one item the early-stop workload looks for."""
     _spin(x, STOP_LOOPS)
     return x == STOP_TARGET
+
+
+def sleep_task(x: int) -> int:
+    """A task of ``LATE_TASK_S`` that sleeps rather than spins: the late-joiner figure is then
+    about scheduling alone, whatever else loads the machine (and 3 slots fit on 2 CPUs)."""
+    time.sleep(LATE_TASK_S)
+    return x
 
 
 def is_true(value: Any) -> bool:
