@@ -21,7 +21,10 @@ from .trust.tokens import ROLES, TOKEN_ENV, TokenStore, parse_token, read_token_
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .server.main import version_text
+
     parser = argparse.ArgumentParser(prog="dcproto", description="dcproto command line")
+    parser.add_argument("--version", action="version", version=version_text("dcproto"))
     sub = parser.add_subparsers(dest="command", required=True)
     users_parser = sub.add_parser("users", help="named servers: alias -> address and token")
     users_sub = users_parser.add_subparsers(dest="action", required=True)

@@ -249,7 +249,12 @@ def test_worker_connect_help_shows_the_defaults() -> None:
 
 
 @pytest.mark.parametrize(
-    ("command", "prog"), [(SERVER, "dcproto-server"), (WORKER, "dcproto-worker")]
+    ("command", "prog"),
+    [
+        (SERVER, "dcproto-server"),
+        (WORKER, "dcproto-worker"),
+        ([sys.executable, "-m", "dcproto.cli"], "dcproto"),
+    ],
 )
 def test_version(command: list[str], prog: str) -> None:
     shown = run([*command, "--version"])
