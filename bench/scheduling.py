@@ -54,6 +54,12 @@ class Sleep:
         return x
 
 
+class Identity:
+    @staticmethod
+    def parallel_func(x: int) -> int:
+        return x
+
+
 class Cluster:
     """A server and its 1-slot workers, in ``workdir``; workers may go through a relay."""
 
@@ -249,17 +255,26 @@ def long_lease(workdir: Path) -> dict[str, Any]:
 
 
 def memory(workdir: Path, n: int) -> dict[str, Any]:
+    """The server's RSS while one project of 4n one-item tasks runs, after n and after 4n
+    tasks are done (before the project ends: what it keeps per finished task shows)."""
     with cluster(workdir, "memory") as c:
         for name in ("w1", "w2"):
             c.worker(name)
         warm(c)
         before = c.server_rss_mib()
-        run([0] * n)
-        after_n = c.server_rss_mib()
-        run([0] * (3 * n))
-        after_4n = c.server_rss_mib()
-        return {"rss_mib_warm": before, f"rss_mib_after_{n}": after_n,
-                f"rss_mib_after_{4 * n}": after_4n}  # fmt: skip
+        cls = Distribute(user_name=USER, iterator=range(4 * n), parallel_func="parallel_func")(
+            type("Numbers", (Identity,), {})
+        )
+        handle = cls()
+        samples: dict[str, float] = {}
+        for mark in (n, 2 * n, 4 * n - 200):
+            while handle.progress.tasks_done < mark:
+                time.sleep(0.05)
+            samples[f"rss_mib_at_{mark}_done"] = c.server_rss_mib()
+        handle.get_results(timeout=600)
+        per_task = samples[f"rss_mib_at_{4 * n - 200}_done"] - samples[f"rss_mib_at_{n}_done"]
+        per_task *= 2**20 / (3 * n - 200)
+        return {"rss_mib_warm": before, **samples, "bytes_per_finished_task": per_task}
 
 
 CASES = ["late-joiner", "second-worker", "small-project", "max-tasks", "far", "long-lease",
