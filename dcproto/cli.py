@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import users
 from .connection import Endpoint
@@ -69,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--timeout", type=float, default=None, help="seconds to wait")
     cancel = projects_sub.add_parser("cancel", help="cancel a running project")
     cancel.add_argument("project_id")
-    for command in (listing, results, cancel):
+    workers = sub.add_parser("workers", help="the workers connected to a server")
+    workers_sub = workers.add_subparsers(dest="action", required=True)
+    workers_list = workers_sub.add_parser(
+        "list", help="connected workers: slots, tasks, paused (an admin sees their usage too)"
+    )
+    for command in (listing, results, cancel, workers_list):
         _server_arguments(command)
     sub.add_parser("server", help="same as dcproto-server", add_help=False)
     sub.add_parser("worker", help="same as dcproto-worker", add_help=False)
@@ -242,6 +248,55 @@ def projects_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def workers_command(args: argparse.Namespace) -> int:
+    from .creator.client import call, get_client
+
+    endpoint, _ = _project_server(args)
+
+    async def listing() -> list[dict[str, Any]]:
+        client = await get_client(endpoint)
+        return await client.list_workers()
+
+    rows = call(listing(), timeout=30)
+    if not rows:
+        print("no workers connected")
+        return 0
+    for line in format_workers(rows):
+        print(line)
+    return 0
+
+
+def format_workers(rows: list[dict[str, Any]]) -> list[str]:
+    """``dcproto workers list``: a header, one line per worker. CPU and RSS are the usage its
+    volunteer's worker reports (shown to admins only)."""
+    lines = [("NAME", "SLOTS", "STATE", "RUNNING", "HELD", "DONE", "CPU%", "RSS", "TRUSTS")]
+    for row in rows:
+        usage = row.get("usage") if isinstance(row.get("usage"), dict) else {}
+        cpu = usage.get("cpu_percent")
+        rss = usage.get("rss_bytes")
+        state = "paused" if row.get("paused") else "running"
+        if row.get("paused") and usage.get("paused_by"):
+            state += f" ({usage['paused_by']})"
+        lines.append(
+            (
+                str(row.get("name", "?")),
+                str(row.get("slots", "?")),
+                state,
+                str(row.get("running", "?")),
+                str(row.get("held", "?")),
+                str(row.get("done", "?")),
+                f"{cpu:.0f}" if isinstance(cpu, int | float) else "-",
+                f"{rss / 2**20:.0f}M" if isinstance(rss, int | float) else "-",
+                ",".join(row.get("trust") or []) or ("all" if "trust" in row else "-"),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
+
+
 def tokens_command(args: argparse.Namespace) -> int:
     """Works whether the server runs or not: a running server picks the change up by itself
     (and closes a revoked token's connections)."""
@@ -285,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "projects":
             return projects_command(args)
+        if args.command == "workers":
+            return workers_command(args)
         if args.command == "tokens":
             return tokens_command(args)
         return users_command(args)

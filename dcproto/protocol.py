@@ -466,6 +466,26 @@ class ProjectList(Message):
     projects: list[Any]
 
 
+@_msg
+class ListWorkers(Message):
+    """Creator -> server: the connected workers. An admin sees every field; other tokens see
+    each worker's name, slots, whether it is paused and how many tasks it holds."""
+
+    TYPE = 34
+    ref: int
+
+
+@_msg
+class WorkerList(Message):
+    """Server -> creator: one map per connected worker (``name``, ``slots``, ``paused``,
+    ``running``, ``held``, ``done``; for an admin also ``identity``, ``device_id``,
+    ``trust``, ``usage``, ``rtt``, ``connected_for``; ignore unknown keys)."""
+
+    TYPE = 35
+    ref: int
+    workers: list[Any]
+
+
 def _check_files(files: list[Any]) -> None:
     for entry in files:
         if (
@@ -506,6 +526,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Release,
     ListProjects,
     ProjectList,
+    ListWorkers,
+    WorkerList,
 )
 BY_TYPE: dict[int, type[Message]] = {cls.TYPE: cls for cls in MESSAGE_TYPES}
 
@@ -862,11 +884,12 @@ class State(enum.Enum):
 _ALWAYS = frozenset({Error, Goodbye, Heartbeat})
 _WORKER_TO_SERVER = frozenset({Credit, Reject, Result, WorkerState}) | _ALWAYS
 _CREATOR_TO_SERVER = (
-    frozenset({Submit, Tasks, End, Cancel, Attach, Release, ListProjects}) | _ALWAYS
+    frozenset({Submit, Tasks, End, Cancel, Attach, Release, ListProjects, ListWorkers}) | _ALWAYS
 )
 _SERVER_TO_WORKER = frozenset({Project, Task, Abandon, Recall}) | _ALWAYS
 _SERVER_TO_CREATOR = (
-    frozenset({Accepted, More, TaskDone, Finished, Notice, Attached, ProjectList}) | _ALWAYS
+    frozenset({Accepted, More, TaskDone, Finished, Notice, Attached, ProjectList, WorkerList})
+    | _ALWAYS
 )
 
 #: (our side, peer role or None before the handshake, state) -> messages we may receive.

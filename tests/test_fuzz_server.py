@@ -148,6 +148,8 @@ def sample_messages() -> list[p.Message]:
         p.Abandon(task_ids=[1, 2, 3]),
         p.Recall(task_ids=[4, 5]),
         p.WorkerState(paused=False, trust=["alice"], usage={"cpu_percent": 1.0}),
+        p.ListWorkers(ref=3),
+        p.WorkerList(ref=3, workers=[{"name": "w"}]),
         p.Submit(
             project_id="pid",
             name="name",

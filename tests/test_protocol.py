@@ -42,6 +42,7 @@ from dcproto.protocol import (
     Heartbeat,
     Hello,
     ListProjects,
+    ListWorkers,
     Message,
     More,
     Notice,
@@ -57,6 +58,7 @@ from dcproto.protocol import (
     TaskDone,
     Tasks,
     Welcome,
+    WorkerList,
     WorkerState,
     decode,
     encode,
@@ -165,6 +167,8 @@ SAMPLES: dict[type[Message], Message] = {
     Abandon: Abandon(task_ids=[1, 2, 2**53]),
     Recall: Recall(task_ids=[3, 2**53]),
     WorkerState: WorkerState(paused=True, trust=["alice", "bob"], usage={"cpu_percent": 12.5}),
+    ListWorkers: ListWorkers(ref=7),
+    WorkerList: WorkerList(ref=7, workers=[{"name": "w1", "slots": 2, "paused": False}]),
     Submit: Submit(
         project_id="p-1",
         name="squares",
@@ -436,7 +440,7 @@ def test_bodies_that_are_not_arrays_starting_with_an_int(value: Any) -> None:
     assert "array starting with a type number" in str(info.value)
 
 
-@pytest.mark.parametrize("number", [0, 7, 9, 18, 19, 34, 255, -1, 2**64 - 1, -(2**63)])
+@pytest.mark.parametrize("number", [0, 7, 9, 18, 19, 36, 255, -1, 2**64 - 1, -(2**63)])
 def test_unknown_type_numbers(number: int) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         decode(msgpack.packb([number, "x"]))

@@ -200,6 +200,12 @@ class CreatorClient:
         assert isinstance(reply, p.Attached)
         return reply
 
+    async def list_workers(self) -> list[dict[str, Any]]:
+        ref = self.next_ref()
+        reply = await self.request(p.ListWorkers(ref=ref), ref)
+        assert isinstance(reply, p.WorkerList)
+        return reply.workers
+
     async def list_projects(self) -> list[dict[str, Any]]:
         ref = self.next_ref()
         reply = await self.request(p.ListProjects(ref=ref), ref)

@@ -306,6 +306,7 @@ class WorkerRecord:
     prefetch: int = 0  # tasks it may hold beyond its slots, from its latest result
     wake_at: float | None = None  # when it is next due a task held ahead
     paused: bool = False  # its volunteer paused it: no new task until resumed
+    done: int = 0  # tasks it completed on this connection
     trust: frozenset[str] = frozenset()  # owners whose projects it runs; empty: every one
 
     @property
@@ -1055,6 +1056,7 @@ class Scheduler:
         project.items_done = _saturating_add(project.items_done, result.n_items)
         project.items_kept = _saturating_add(project.items_kept, result.n_kept)
         project.per_worker[worker.name] += 1
+        worker.done += 1
         if forward:
             stats = dict(result.stats)
             # the attempt that won may be an earlier one than the task's latest

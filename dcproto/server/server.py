@@ -820,6 +820,8 @@ class Server:
                     if live is not None:  # running: the counts of now
                         row["tasks_done"], row["items_done"] = live.tasks_done, live.items_done
                 conn.send(p.ProjectList(ref=message.ref, projects=projects))
+            case p.ListWorkers():
+                conn.send(p.WorkerList(ref=message.ref, workers=self._worker_rows(conn, now)))
             case p.Cancel():
                 running = self.scheduler.projects.get(message.project_id)
                 if self._may_access(conn, message.project_id):
@@ -839,6 +841,36 @@ class Server:
                 )
             case _:
                 pass  # Heartbeat: liveness was recorded above
+
+    def _worker_rows(self, asker: ServerConnection, now: float) -> list[dict[str, Any]]:
+        """The connected workers as ``asker`` may see them: volunteers' details (identity,
+        device, trust, usage) go to admins only."""
+        admin = asker.token_role == "admin"
+        rows = []
+        for conn in self.workers.values():
+            record = self.scheduler.workers.get(conn.conn_id)
+            if record is None:
+                continue
+            row: dict[str, Any] = {
+                "name": conn.name,
+                "slots": record.slots,
+                "paused": record.paused,
+                "running": record.running,
+                "held": len(record.leased),
+                "done": record.done,
+            }
+            if admin:
+                state = conn.worker_state
+                row.update(
+                    identity=conn.identity,
+                    device_id=conn.device_id,
+                    trust=sorted(record.trust),
+                    usage=dict(state.usage) if state is not None else {},
+                    rtt=record.rtt,
+                    connected_for=now - conn.opened_at,
+                )
+            rows.append(row)
+        return rows
 
     def _verified(self, conn: ServerConnection, hello: p.Hello) -> TokenRecord | None:
         record = self.tokens.get(hello.identity)
