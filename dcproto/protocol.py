@@ -25,7 +25,7 @@ import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 import msgpack
 
@@ -92,7 +92,13 @@ class Message:
         """Checks beyond field types; raises ValueError. Overridden where needed."""
 
 
-_msg = dataclass(frozen=True, kw_only=True, slots=True)
+_M = TypeVar("_M", bound=type)
+
+
+@dataclass_transform(frozen_default=True, kw_only_default=True)
+def _msg(cls: _M) -> _M:
+    """A message class: a frozen, keyword-only dataclass with slots."""
+    return dataclass(frozen=True, kw_only=True, slots=True)(cls)  # type: ignore[return-value]
 
 
 @_msg
