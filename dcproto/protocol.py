@@ -25,7 +25,7 @@ import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar, dataclass_transform
+from typing import Any, ClassVar, TypeVar, cast, dataclass_transform
 
 import msgpack
 
@@ -559,7 +559,8 @@ _ELEMENT_TYPES: dict[str, type] = {"list[str]": str, "list[int]": int}
 #: Per message class: its fields as (name, annotation, accepted types).
 SCHEMA: dict[type[Message], tuple[tuple[str, str, tuple[type, ...]], ...]] = {
     cls: tuple(
-        (f.name, str(f.type), _ANNOTATION_TYPES[str(f.type)]) for f in dataclasses.fields(cls)
+        (f.name, str(f.type), _ANNOTATION_TYPES[str(f.type)])
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]  # each is a dataclass
     )
     for cls in MESSAGE_TYPES
 }
@@ -578,7 +579,9 @@ def _encode_body(message: Message) -> bytes:
     except (TypeError, ValueError) as exc:
         raise LocalProtocolError(f"invalid {type(message).__name__}: {exc}") from exc
     try:
-        body = msgpack.packb([message.TYPE, *_FIELDS[type(message)](message)], use_bin_type=True)
+        body: bytes = msgpack.packb(
+            [message.TYPE, *_FIELDS[type(message)](message)], use_bin_type=True
+        )
     except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
         raise LocalProtocolError(f"cannot encode {type(message).__name__}: {exc}") from exc
     return body
@@ -625,7 +628,7 @@ def _check_fields_precisely(message: Message) -> None:
         if not isinstance(item, accepted) or (type(item) is bool and bool not in accepted):
             raise TypeError(f"field {name!r} must be {annotation}, not {type(item).__name__}")
         if element is not None:
-            for entry in item:
+            for entry in cast(list[Any], item):
                 if type(entry) is not element:
                     raise TypeError(f"field {name!r} must be {annotation}")
         if may_hold_maps and item is not None and not _str_keys(item):
@@ -792,7 +795,7 @@ def _field_getter(cls: type[Message]) -> Callable[[Message], tuple[Any, ...]]:
     getter = operator.attrgetter(*names)
     if len(names) == 1:
         return lambda message: (getter(message),)
-    return getter  # type: ignore[return-value]
+    return getter
 
 
 _FIELDS = {cls: _field_getter(cls) for cls in MESSAGE_TYPES}
@@ -952,7 +955,7 @@ class Connection:
         messages: list[Message] = []
         # One frame at a time: a message may change the state, and with it the size limit
         # that applies to the frames after it.
-        while self.state is not State.CLOSED:
+        while self._open():
             try:
                 body = self._decoder.next_frame()
                 if body is None:
@@ -965,6 +968,10 @@ class Connection:
             messages.append(message)
             self._after(message)
         return messages
+
+    def _open(self) -> bool:
+        """Not closed (a method: each message handled may close the connection)."""
+        return self.state is not State.CLOSED
 
     def _check_receivable(self, message: Message) -> None:
         role = self.role if self.state is State.READY else None

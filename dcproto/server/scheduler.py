@@ -602,7 +602,8 @@ class Scheduler:
         round_trip = now - task.sent_at
         held = result.stats.get("held")
         service = result.stats.get("service")
-        if type(held) in (int, float) and 0 <= held <= round_trip:
+        # numbers only (a bool is an int, a NaN fails both comparisons)
+        if isinstance(held, int | float) and not isinstance(held, bool) and 0 <= held <= round_trip:
             sample = round_trip - held
             previous = worker.rtt
             worker.rtt = (
@@ -610,7 +611,11 @@ class Scheduler:
                 if previous is None or sample < previous
                 else previous + RTT_RISE * (sample - previous)
             )
-        if type(service) in (int, float) and 0 <= service <= round_trip:
+        if (
+            isinstance(service, int | float)
+            and not isinstance(service, bool)
+            and 0 <= service <= round_trip
+        ):
             previous = project.task_seconds
             project.task_seconds = (
                 service if previous is None else previous + TASK_TIME_WEIGHT * (service - previous)
@@ -780,7 +785,7 @@ class Scheduler:
         self._maybe_done(project, now)
         return self._flush(now)
 
-    def cancel(self, creator_id: str, project_id: str, now: float) -> list[Action]:
+    def cancel(self, creator_id: str | None, project_id: str, now: float) -> list[Action]:
         project = self._own_project(creator_id, project_id)
         if project is not None and project.status == "running":
             self._finish(project, "cancelled", now)

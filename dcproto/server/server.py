@@ -18,7 +18,7 @@ import ssl
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import protocol as p
 from ..errors import LocalProtocolError
@@ -133,8 +133,9 @@ class ServerConnection(asyncio.Protocol):
     # asyncio callbacks -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._raw = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        transport.set_write_buffer_limits(high=4 * 1024 * 1024)
+        raw = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._raw = raw
+        raw.set_write_buffer_limits(high=4 * 1024 * 1024)
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and peername:
             self.peer = address_key(str(peername[0]))

@@ -143,7 +143,8 @@ class StoredProject:
 
 
 def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
 
 
 def _unpack(blob: bytes | None) -> Any:
