@@ -38,7 +38,7 @@ import pickle
 import re
 import struct
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import cloudpickle
 
@@ -81,6 +81,8 @@ class _Restricted:
     arguments first. Immutable, and refused if it ends up in a decoded value by itself."""
 
     __slots__ = ("_call", "type_name")
+    type_name: str
+    _call: Callable[..., Any]
 
     def __init__(self, type_name: str, call: Callable[..., Any]) -> None:
         object.__setattr__(self, "type_name", type_name)
@@ -160,7 +162,8 @@ def _collection_arg(type_name: str, args: tuple[Any, ...]) -> Iterable[Any]:
     if not args:
         return ()
     if len(args) == 1 and type(args[0]) in (list, tuple):
-        return args[0]
+        items: Iterable[Any] = args[0]
+        return items
     raise _Refusal(type_name, "arguments other than () or (list,)")
 
 
@@ -483,9 +486,18 @@ class _Memo(dict[Any, Any]):
                 self[key] = new
 
 
+# the pure-Python unpickler's own BUILD, for everything but numpy's types
+_PLAIN_BUILD: Callable[[Any], None] = vars(pickle._Unpickler)["load_build"]
+
+
 class _NumpyUnpickler(pickle._Unpickler):
     """The pure-Python unpickler with the allow-list including numpy, rebuilding dtypes at
     BUILD instead of trusting ``dtype.__setstate__`` with the worker's state."""
+
+    # set up by pickle._Unpickler.load(), which typeshed does not describe
+    stack: list[Any]
+    read: Callable[[int], bytes]
+    append: Callable[[Any], None]
 
     def __init__(self, data: bytes, numpy: _Numpy) -> None:
         super().__init__(io.BytesIO(data))
@@ -509,7 +521,7 @@ class _NumpyUnpickler(pickle._Unpickler):
         if isinstance(inst, np.generic):
             raise _Refusal("numpy.generic", "a state (numpy never pickles scalars with one)")
         if not isinstance(inst, np.dtype):
-            pickle._Unpickler.load_build(self)
+            _PLAIN_BUILD(self)
             return
         state = stack.pop()
         # inst stays as its constructor made it (the pickle may already refer to it); the value
@@ -528,7 +540,7 @@ class _NumpyUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError("pickle data was truncated")
         self.append(bytearray(data))
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(vars(pickle._Unpickler)["dispatch"])
     dispatch[pickle.BUILD[0]] = _load_build
     dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
 
