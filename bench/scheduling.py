@@ -84,15 +84,23 @@ class Cluster:
         os.environ[CONFIG_DIR_ENV] = str(self.workdir / "config")
         add_user(self.creds.user(USER))
 
-    def worker(self, name: str, *, port: int | None = None, tasks: int | None = None) -> Any:
+    def worker(
+        self,
+        name: str,
+        *,
+        port: int | None = None,
+        tasks: int | None = None,
+        extra: tuple[str, ...] = (),
+        slots: int = 1,
+    ) -> Any:
         assert self.creds is not None
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed in close()
         self._logs.append(log)
         proc = subprocess.Popen(
             [*console_script("dcproto-worker", "dcproto.worker.worker"), "connect",
              f"127.0.0.1:{port or self.creds.port}", *self.creds.worker_args(),
-             "--slots", "1", "--name", name, "--log-level", "WARNING",
-             *(["--tasks", str(tasks)] if tasks else [])],
+             "--slots", str(slots), "--name", name, "--log-level", "WARNING",
+             *(["--tasks", str(tasks)] if tasks else []), *extra],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         self.workers.append(proc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import _joblib_hook
 from .creator.creator import Distribute, Progress, ProjectHandle, attach
 from .creator.results import load_results
 from .errors import (
@@ -20,9 +21,13 @@ from .errors import (
     TaskFailed,
     UnhashableItemError,
 )
+from .executor import Executor, ExecutorBroken, RemoteCallError
 from .paths import OUTPUT_DIR_ENV
 
 __version__ = "0.1.0"
+
+# joblib.parallel_config(backend="dcproto"), without importing joblib here
+_joblib_hook.install()
 
 
 def output_dir() -> Path:
@@ -62,11 +67,14 @@ __all__ = [
     "ConnectionFailed",
     "DcprotoError",
     "Distribute",
+    "Executor",
+    "ExecutorBroken",
     "Progress",
     "ProjectCancelled",
     "ProjectError",
     "ProjectHandle",
     "ProjectUnrunnable",
+    "RemoteCallError",
     "ResultsPathError",
     "SerializationError",
     "TaskFailed",

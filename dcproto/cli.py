@@ -1,14 +1,17 @@
 """``dcproto``: named servers ("users"), a server's tokens, and projects on a server;
-``dcproto server`` / ``dcproto worker`` alias the dedicated commands."""
+``dcproto status`` sums a server up; ``dcproto server`` / ``dcproto worker`` alias the
+dedicated commands. Listings take ``--json`` (one JSON document on stdout)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import getpass
+import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--state-dir", type=Path, default=default_state_dir(), help="the server's state dir"
         )
-    users_sub.add_parser("list", help="list named servers")
+    users_list = users_sub.add_parser("list", help="list named servers")
     remove = users_sub.add_parser("remove", help="forget a named server")
     remove.add_argument("name")
     projects = sub.add_parser("projects", help="projects on a server")
@@ -75,8 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     workers_list = workers_sub.add_parser(
         "list", help="connected workers: slots, tasks, paused (an admin sees their usage too)"
     )
-    for command in (listing, results, cancel, workers_list):
+    status = sub.add_parser(
+        "status", help="the server, its workers and projects, as your token may see them"
+    )
+    for command in (listing, results, cancel, workers_list, status):
         _server_arguments(command)
+    for command in (listing, workers_list, users_list, token_list, status):
+        command.add_argument(
+            "--json", action="store_true", help="print one JSON document instead of a table"
+        )
     sub.add_parser("server", help="same as dcproto-server", add_help=False)
     sub.add_parser("worker", help="same as dcproto-worker", add_help=False)
     return parser
@@ -179,6 +189,9 @@ def users_command(args: argparse.Namespace) -> int:
             print("no token kept: give one with --token-file or $DCPROTO_TOKEN when connecting")
     elif args.action == "list":
         known = users.load_users()
+        if args.json:
+            _print_json([_user_row(user) for user in known.values()])
+            return 0
         if not known:
             print("no users; add one with the join line a server's admin gives you")
         for user in known.values():
@@ -189,6 +202,31 @@ def users_command(args: argparse.Namespace) -> int:
         users.remove_user(args.name)
         print(f"removed {args.name}")
     return 0
+
+
+def _user_row(user: users.User) -> dict[str, Any]:
+    """A named server for ``users list --json``: never the token's secret, only its name."""
+    return {
+        "name": user.name,
+        "host": user.host,
+        "port": user.port,
+        "address": user.address,
+        "token": user.token.rsplit(".", 1)[0] if user.token else None,
+        "fingerprint": user.fingerprint,
+        "insecure": user.insecure,
+    }
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=_json_value))
 
 
 def projects_command(args: argparse.Namespace) -> int:
@@ -203,6 +241,9 @@ def projects_command(args: argparse.Namespace) -> int:
             return await client.list_projects()
 
         rows = call(listing(), timeout=30)
+        if args.json:
+            _print_json(rows)
+            return 0
         if not rows:
             print("no projects")
             return 0
@@ -258,6 +299,9 @@ def workers_command(args: argparse.Namespace) -> int:
         return await client.list_workers()
 
     rows = call(listing(), timeout=30)
+    if args.json:
+        _print_json(rows)
+        return 0
     if not rows:
         print("no workers connected")
         return 0
@@ -271,7 +315,9 @@ def format_workers(rows: list[dict[str, Any]]) -> list[str]:
     volunteer's worker reports (shown to admins only)."""
     lines = [("NAME", "SLOTS", "STATE", "RUNNING", "HELD", "DONE", "CPU%", "RSS", "TRUSTS")]
     for row in rows:
-        usage = row.get("usage") if isinstance(row.get("usage"), dict) else {}
+        usage = row.get("usage")
+        if not isinstance(usage, dict):
+            usage = {}
         cpu = usage.get("cpu_percent")
         rss = usage.get("rss_bytes")
         state = "paused" if row.get("paused") else "running"
@@ -297,6 +343,187 @@ def format_workers(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+INFO_TIMEOUT = 10.0  # seconds for ServerInfo's answer (a server from before it closes instead)
+
+
+def status_command(args: argparse.Namespace) -> int:
+    """``dcproto status``: ServerInfo, WorkerList and ProjectList in one view. What it holds
+    follows the token's role, as the server answers each: an admin sees every project and
+    the volunteers' usage; a creator its own projects and the workers' names and load."""
+    import asyncio
+
+    from . import protocol as p
+    from .creator.client import call, get_client
+
+    endpoint, _ = _project_server(args)
+
+    async def gather() -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+        client = await get_client(endpoint)
+        workers = await client.list_workers()
+        projects = await client.list_projects()
+        ref = client.next_ref()
+        try:  # last: a server that does not know ServerInfo closes the connection
+            reply = await asyncio.wait_for(client.request(p.ServerInfo(ref=ref), ref), INFO_TIMEOUT)
+        except (DcprotoError, TimeoutError) as exc:
+            return (
+                {"error": f"no ServerInfo from the server ({exc or 'timed out'})"},
+                workers,
+                projects,
+            )
+        assert isinstance(reply, p.ServerInfoReply)
+        return dict(reply.info), workers, projects
+
+    info, workers, projects = call(gather(), timeout=60)
+    now = _number(info.get("time"))
+    now = time.time() if now is None else now
+    info.setdefault("connected_to", endpoint.address)
+    projects = [{**row, **project_figures(row, now)} for row in projects]
+    if args.json:
+        _print_json({"server": info, "workers": workers, "projects": projects})
+        return 0
+    for line in format_status(info, workers, projects):
+        print(line)
+    return 0
+
+
+def project_figures(row: dict[str, Any], now: float) -> dict[str, Any]:
+    """``rate`` (items per second since the first task started, to its end or ``now`` by
+    the server's clock), ``eta`` (seconds left at that rate, for a running project whose
+    total is known) and ``fraction`` (of the items done), each None when unknown."""
+    started = _number(row.get("first_started_at"))
+    items, total = _number(row.get("items_done")), _number(row.get("total_items"))
+    running = row.get("status") == "running"
+    end = now if running else _number(row.get("finished_at"))
+    rate = None
+    if started is not None and end is not None and items is not None and end > started:
+        rate = items / (end - started)
+    fraction = items / total if items is not None and total is not None and total > 0 else None
+    if fraction is None and row.get("status") == "done":
+        fraction = 1.0
+    eta = None
+    if running and rate and total is not None and items is not None:
+        eta = max(0.0, total - items) / rate
+    return {"rate": rate, "eta": eta, "fraction": fraction}
+
+
+def _number(value: Any) -> float | None:
+    """``value`` if it is a number (not a bool), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return _number(value) is not None
+
+
+def _duration(seconds: Any) -> str:
+    """``45s``, ``12m05s``, ``3h07m``, ``2d04h``; ``?`` for no number."""
+    if not _is_number(seconds):
+        return "?"
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def format_status(
+    info: dict[str, Any],
+    workers: list[dict[str, Any]],
+    projects: list[dict[str, Any]],
+) -> list[str]:
+    """``dcproto status``'s lines: the server, then a table of workers and one of projects."""
+    lines = []
+    if "error" in info:
+        lines.append(f"server    {info.get('connected_to', '?')}: {info['error']}")
+    else:
+        lines.append(
+            f"server    {info.get('address', '?')} (reached at {info.get('connected_to', '?')}), "
+            f"dcproto {info.get('version', '?')}, protocol {info.get('protocol', '?')}, "
+            f"up {_duration(info.get('uptime'))}"
+        )
+        fingerprint = info.get("fingerprint")
+        lines.append(
+            f"tls       certificate {fingerprint}"
+            if fingerprint
+            else "tls       none (plain TCP)"
+            if info.get("tls") is False
+            else "tls       ?"
+        )
+        lines.append(f"you       {info.get('identity', '?')} ({info.get('role', '?')} token)")
+        lines.append(
+            f"load      workers {info.get('workers', '?')}, slots busy "
+            f"{info.get('slots_busy', '?')} of {info.get('slots', '?')}, projects running "
+            f"{info.get('projects_running', '?')}, creator connections {info.get('creators', '?')}"
+        )
+    lines.append("")
+    if workers:
+        rows: list[tuple[str, ...]] = [
+            ("WORKER", "SLOTS", "BUSY", "HELD", "DONE", "LAST SEEN", "STATE", "CPU%", "RSS")
+        ]
+        for row in workers:
+            usage: dict[str, Any] = row["usage"] if isinstance(row.get("usage"), dict) else {}
+            cpu, rss = _number(usage.get("cpu_percent")), _number(usage.get("rss_bytes"))
+            seen = row.get("last_seen")
+            rows.append(
+                (
+                    str(row.get("name", "?")),
+                    str(row.get("slots", "?")),
+                    str(row.get("running", "?")),
+                    str(row.get("held", "?")),
+                    str(row.get("done", "?")),
+                    f"{_duration(seen)} ago" if _is_number(seen) else "?",
+                    "paused" if row.get("paused") else "running",
+                    "-" if cpu is None else f"{cpu:.0f}",
+                    "-" if rss is None else f"{rss / 2**20:.0f}M",
+                )
+            )
+        lines += _table(rows)
+    else:
+        lines.append("no workers connected")
+    lines.append("")
+    if projects:
+        rows = [("PROJECT", "NAME", "OWNER", "STATUS", "PROGRESS", "RATE", "ETA", "RETRIED")]
+        for row in projects:
+            items, total = row.get("items_done"), row.get("total_items")
+            fraction = row.get("fraction")
+            progress = f"{'?' if items is None else items}/{'?' if total is None else total}"
+            if _is_number(fraction):
+                progress += f" ({fraction:.0%})"
+            rate, eta = row.get("rate"), row.get("eta")
+            rows.append(
+                (
+                    str(row.get("project_id", "?")),
+                    str(row.get("name", "?")),
+                    str(row.get("owner", "?")),
+                    str(row.get("status", "?")),
+                    progress,
+                    f"{rate:,.1f}/s" if _is_number(rate) else "-",
+                    _duration(eta) if _is_number(eta) else "-",
+                    str(row.get("tasks_reissued", 0) or 0),
+                )
+            )
+        lines += _table(rows)
+    else:
+        lines.append("no projects")
+    return lines
+
+
 def tokens_command(args: argparse.Namespace) -> int:
     """Works whether the server runs or not: a running server picks the change up by itself
     (and closes a revoked token's connections)."""
@@ -313,6 +540,11 @@ def tokens_command(args: argparse.Namespace) -> int:
             print(f"  {record.join_line(args.name, token)}")
     elif args.action == "list":
         records = store.records()
+        if args.json:
+            _print_json(
+                [{"name": r.name, "role": r.role, "created_at": r.created_at} for r in records]
+            )
+            return 0
         if not records:
             print("no tokens")
         for item in records:
@@ -344,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
             return workers_command(args)
         if args.command == "tokens":
             return tokens_command(args)
+        if args.command == "status":
+            return status_command(args)
         return users_command(args)
     except DcprotoError as exc:
         print(f"dcproto: {exc}", file=sys.stderr)

@@ -484,12 +484,33 @@ class ListWorkers(Message):
 @_msg
 class WorkerList(Message):
     """Server -> creator: one map per connected worker (``name``, ``slots``, ``paused``,
-    ``running``, ``held``, ``done``; for an admin also ``identity``, ``device_id``,
-    ``trust``, ``usage``, ``rtt``, ``connected_for``; ignore unknown keys)."""
+    ``running``, ``held``, ``done``, ``last_seen``; for an admin also ``identity``,
+    ``device_id``, ``trust``, ``usage``, ``rtt``, ``connected_for``; ignore unknown keys)."""
 
     TYPE = 35
     ref: int
     workers: list[Any]
+
+
+@_msg
+class ServerInfo(Message):
+    """Creator -> server: about the server itself (``dcproto status``)."""
+
+    TYPE = 36
+    ref: int
+
+
+@_msg
+class ServerInfoReply(Message):
+    """Server -> creator: one map about the server (``version``, ``protocol``, ``uptime``
+    seconds, ``started_at`` and ``time`` by its wall clock, ``address``, ``tls``,
+    ``fingerprint``, the caller's ``identity`` and ``role``, and counts: ``workers``,
+    ``slots``, ``slots_busy``, ``creators``, ``projects_running`` (the caller's own unless an
+    admin asks); ignore unknown keys)."""
+
+    TYPE = 37
+    ref: int
+    info: dict[str, Any]
 
 
 def _check_files(files: list[Any]) -> None:
@@ -534,6 +555,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     ProjectList,
     ListWorkers,
     WorkerList,
+    ServerInfo,
+    ServerInfoReply,
 )
 BY_TYPE: dict[int, type[Message]] = {cls.TYPE: cls for cls in MESSAGE_TYPES}
 
@@ -893,11 +916,24 @@ class State(enum.Enum):
 _ALWAYS = frozenset({Error, Goodbye, Heartbeat})
 _WORKER_TO_SERVER = frozenset({Credit, Reject, Result, WorkerState}) | _ALWAYS
 _CREATOR_TO_SERVER = (
-    frozenset({Submit, Tasks, End, Cancel, Attach, Release, ListProjects, ListWorkers}) | _ALWAYS
+    frozenset({Submit, Tasks, End, Cancel, Attach, Release, ListProjects, ListWorkers, ServerInfo})
+    | _ALWAYS
 )
 _SERVER_TO_WORKER = frozenset({Project, Task, Abandon, Recall}) | _ALWAYS
 _SERVER_TO_CREATOR = (
-    frozenset({Accepted, More, TaskDone, Finished, Notice, Attached, ProjectList, WorkerList})
+    frozenset(
+        {
+            Accepted,
+            More,
+            TaskDone,
+            Finished,
+            Notice,
+            Attached,
+            ProjectList,
+            WorkerList,
+            ServerInfoReply,
+        }
+    )
     | _ALWAYS
 )
 

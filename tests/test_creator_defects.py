@@ -211,7 +211,7 @@ except TaskFailed as exc:
 def test_remote_traceback_names_the_users_file_and_line(
     start_worker: Any, user: User, tmp_path: Path
 ) -> None:
-    start_worker()
+    start_worker("--sandbox", "off")  # the line is read from the script under /tmp
     script = tmp_path / "my_project.py"
     script.write_text(FAULTY_SCRIPT)
     line = FAULTY_SCRIPT.splitlines().index('            raise ValueError(f"cannot handle {x}")')

@@ -192,6 +192,8 @@ def sample_messages() -> list[p.Message]:
         p.Release(project_id="pid"),
         p.ListProjects(ref=2),
         p.ProjectList(ref=2, projects=[{"project_id": "pid", "status": "done"}]),
+        p.ServerInfo(ref=4),
+        p.ServerInfoReply(ref=4, info={"version": "0.1.0", "uptime": 1.0}),
     ]
 
 
@@ -498,7 +500,18 @@ def valid_messages(draw: st.DrawFn, where: str, fuzz: LiveFuzz) -> p.Message:
         )
     kind = draw(
         st.sampled_from(
-            ["submit", "tasks", "tasks", "end", "cancel", "attach", "release", "list", "beat"]
+            [
+                "submit",
+                "tasks",
+                "tasks",
+                "end",
+                "cancel",
+                "attach",
+                "release",
+                "list",
+                "info",
+                "beat",
+            ]
         )
     )
     if kind == "submit":
@@ -540,6 +553,8 @@ def valid_messages(draw: st.DrawFn, where: str, fuzz: LiveFuzz) -> p.Message:
         return p.Release(project_id=project_id)
     if kind == "list":
         return p.ListProjects(ref=draw(st.integers(0, 1000)))
+    if kind == "info":
+        return p.ServerInfo(ref=draw(st.integers(0, 1000)))
     return p.Heartbeat()
 
 

@@ -52,6 +52,8 @@ from dcproto.protocol import (
     Reject,
     Release,
     Result,
+    ServerInfo,
+    ServerInfoReply,
     State,
     Submit,
     Task,
@@ -215,6 +217,10 @@ SAMPLES: dict[type[Message], Message] = {
     Release: Release(project_id="p-1"),
     ListProjects: ListProjects(ref=9),
     ProjectList: ProjectList(ref=9, projects=[{"project_id": "p-1", "status": "done"}]),
+    ServerInfo: ServerInfo(ref=11),
+    ServerInfoReply: ServerInfoReply(
+        ref=11, info={"version": "0.1.0", "uptime": 12.5, "fingerprint": None, "workers": 2}
+    ),
 }
 
 # Variants that exercise the other side of "X | None" and int-for-float.
@@ -229,6 +235,7 @@ VARIANTS: list[Message] = [
     Recall(task_ids=[]),
     WorkerState(paused=False, trust=[], usage={}),
     Error(code="", message=""),
+    ServerInfoReply(ref=0, info={}),
 ]
 
 
@@ -442,7 +449,7 @@ def test_bodies_that_are_not_arrays_starting_with_an_int(value: Any) -> None:
     assert "array starting with a type number" in str(info.value)
 
 
-@pytest.mark.parametrize("number", [0, 7, 9, 18, 19, 36, 255, -1, 2**64 - 1, -(2**63)])
+@pytest.mark.parametrize("number", [0, 7, 9, 18, 19, 38, 255, -1, 2**64 - 1, -(2**63)])
 def test_unknown_type_numbers(number: int) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         decode(msgpack.packb([number, "x"]))

@@ -24,8 +24,8 @@ import cloudpickle
 import pytest
 
 from dcproto import protocol as p
-from dcproto.worker.child import MAX_LOADED_PROJECTS, MAX_OUTPUT_BYTES, MAX_OUTPUT_FILES
-from dcproto.worker.runner import KILL_GRACE, PIPELINE_DEPTH, Outcome, Runner
+from dcproto.worker.child import MAX_OUTPUT_BYTES, MAX_OUTPUT_FILES
+from dcproto.worker.runner import KILL_GRACE, PIPELINE_DEPTH, SPARES, Outcome, Runner
 
 _task_ids = itertools.count(1)
 
@@ -103,8 +103,10 @@ async def wait_for_file(path: Path, limit: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def child_pid(runner: Runner, slot: int = 0) -> int:
-    process = runner._children[slot].process
+def child_pid(runner: Runner, project_id: str = "proj") -> int:
+    """The pid of the child bound to ``project_id`` (a child serves one project)."""
+    [child] = [c for c in runner._children if c.bound == project_id]
+    process = child.process
     assert process is not None
     return process.pid
 
@@ -240,6 +242,23 @@ class IgnoresAbandon:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             time.sleep(100)
         return (x, os.getpid())
+
+
+class SleepOnPath:
+    """Item: a path (touch it, then sleep) or anything else (return it and the pid)."""
+
+    @staticmethod
+    def f(x: Any) -> Any:
+        if isinstance(x, str) and x.startswith("/"):
+            Path(x).touch()
+            time.sleep(100)
+        return (x, os.getpid())
+
+    @staticmethod
+    def deaf(x: Any) -> Any:
+        if isinstance(x, str) and x.startswith("/"):
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        return SleepOnPath.f(x)
 
 
 class QuickUnlessPath:
@@ -519,10 +538,9 @@ async def test_crash_and_the_slot_recovers(
 @pytest.mark.parametrize("item", ["spin", "sleep"])
 async def test_timeout_python_code(runner: Runner, item: str) -> None:
     project = make_project(Busy, task_timeout=0.5)
-    # the child's start-up and the other runs carry no time limit: on a loaded machine a
-    # starting interpreter alone may take longer than the limit under test
-    untimed = make_project(Busy, project_id="untimed")
-    before = pairs(await run(runner, untimed, ["warm-up"]))[0][1][1]
+    # the child's start-up carries no time limit (it is over before the task is sent): on a
+    # loaded machine a starting interpreter alone may take longer than the limit under test
+    before = pairs(await run(runner, project, ["warm-up"]))[0][1][1]
     started = time.monotonic()
     outcome = await run(runner, project, [item])
     elapsed = time.monotonic() - started
@@ -530,21 +548,20 @@ async def test_timeout_python_code(runner: Runner, item: str) -> None:
     assert outcome.error is not None and "0.5" in outcome.error["message"]
     assert elapsed >= 0.45  # never before the limit (how late depends on the machine)
     # Python code gives up on SIGUSR1: the child is kept and keeps working
-    after = await run(runner, untimed, ["next"])
+    after = await run(runner, project, ["next"])
     assert after.outcome == "ok"
     assert pairs(after)[0][1][1] == before
 
 
 async def test_timeout_escalates_to_sigkill(runner: Runner) -> None:
     project = make_project(IgnoresAbandon, task_timeout=0.5)
-    untimed = make_project(IgnoresAbandon, project_id="untimed")  # see the test above
-    before = pairs(await run(runner, untimed, ["warm-up"]))[0][1][1]
+    before = pairs(await run(runner, project, ["warm-up"]))[0][1][1]  # see the test above
     started = time.monotonic()
     outcome = await run(runner, project, ["deaf"])
     elapsed = time.monotonic() - started
     assert outcome.outcome == "timeout"
     assert elapsed >= 0.5 + KILL_GRACE - 0.1  # SIGKILL only after the grace
-    after = await run(runner, untimed, ["next"])
+    after = await run(runner, project, ["next"])
     assert after.outcome == "ok"
     assert pairs(after)[0][1][1] != before
 
@@ -555,7 +572,7 @@ async def test_no_timeout_option_means_no_limit(runner: Runner) -> None:
 
 
 async def test_abandon_running_task(runner: Runner, tmp_path: Path) -> None:
-    project = make_project(MarkThenSleep)
+    project = make_project(SleepOnPath)
     marker = tmp_path / "started"
     task = make_task(project, [str(marker)])
     running = asyncio.create_task(run_task(runner, project, task))
@@ -569,7 +586,7 @@ async def test_abandon_running_task(runner: Runner, tmp_path: Path) -> None:
     assert outcome.payload == b""
     assert runner.abandon(task.task_id) is False  # not running any more
     # the child gave the task up cleanly and is reused
-    after = await run(runner, make_project(Pid, project_id="other"), ["next"])
+    after = await run(runner, project, ["next"])
     assert pairs(after) == [("next", ("next", pid))]
 
 
@@ -591,7 +608,7 @@ async def test_abandon_is_not_swallowed_by_except_exception(runner: Runner, tmp_
 
 
 async def test_abandon_escalates_to_sigkill(runner: Runner, tmp_path: Path) -> None:
-    project = make_project(MarkThenSleep, parallel="deaf")
+    project = make_project(SleepOnPath, parallel="deaf")
     marker = tmp_path / "started"
     task = make_task(project, [str(marker)])
     running = asyncio.create_task(run_task(runner, project, task))
@@ -603,7 +620,7 @@ async def test_abandon_escalates_to_sigkill(runner: Runner, tmp_path: Path) -> N
     elapsed = time.monotonic() - started
     assert outcome.outcome == "abandoned"  # not "crash", although the child was killed
     assert KILL_GRACE - 0.1 <= elapsed < KILL_GRACE + 1.0
-    after = await run(runner, make_project(Pid), ["next"])
+    after = await run(runner, project, ["next"])
     assert after.outcome == "ok"
     assert pairs(after)[0][1][1] != pid
 
@@ -787,24 +804,35 @@ async def test_project_is_loaded_once_per_child(runner: Runner) -> None:
     # the same function object (and its state) serves the second task: no reload
     assert [value[0] for _, value in pairs(second)] == [2, 3]
     assert pairs(first)[0][1][1] == pairs(second)[0][1][1]
-    assert list(runner._children[0].loaded) == ["proj"]
+    [child] = [c for c in runner._children if c.bound == "proj"]
+    assert list(child.loaded) == ["proj"]
 
 
-async def test_several_projects_share_a_child(runner: Runner) -> None:
-    square = make_project(Square, project_id="square")
-    mod3 = make_project(Mod3, project_id="mod3", only_if="keep")
-    assert pairs(await run(runner, square, [3])) == [(3, 9)]
-    assert pairs(await run(runner, mod3, [3, 4])) == [(4, 1)]
-    assert pairs(await run(runner, square, [4])) == [(4, 16)]
+async def test_each_project_has_its_own_child(runner: Runner) -> None:
+    square = make_project(Pid, project_id="square")
+    other = make_project(Pid, project_id="other")
+    (_, (_, first)) = pairs(await run(runner, square, [3]))[0]
+    (_, (_, second)) = pairs(await run(runner, other, [4]))[0]
+    (_, (_, again)) = pairs(await run(runner, square, [5]))[0]
+    assert first != second  # a clean child for the second project
+    assert again == first  # and the first project's child kept warm (a spare was free)
 
 
-async def test_project_evicted_from_the_child_cache_is_reloaded(runner: Runner) -> None:
-    projects = [make_project(Square, project_id=f"p{i}") for i in range(MAX_LOADED_PROJECTS + 1)]
-    for i, project in enumerate(projects):
-        assert pairs(await run(runner, project, [i])) == [(i, i * i)]
-    outcome = await run(runner, projects[0], [7])
-    assert outcome.error is None
-    assert outcome.outcome == "ok"
+async def test_many_projects_take_turns_on_one_slot(runner: Runner) -> None:
+    """More projects than processes: each new one gets a fresh process (the one idle longest
+    is replaced), and one seen before runs again exactly, in a child of its own."""
+    projects = [make_project(Pid, project_id=f"p{i}") for i in range(6)]
+    seen: dict[int, str] = {}
+    for i, project in enumerate([*projects, projects[0], projects[3]]):
+        outcome = await run(runner, project, [i])
+        assert outcome.outcome == "ok", outcome.error
+        (item, (_, pid)) = pairs(outcome)[0]
+        assert item == i
+        assert seen.setdefault(pid, project.project_id) == project.project_id
+    assert len(runner._children) <= 1 + SPARES
+    assert len({c.process.pid for c in runner._children if c.process and c.alive}) == len(
+        [c for c in runner._children if c.alive]
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from .. import protocol as p
@@ -41,7 +41,7 @@ def background_loop() -> asyncio.AbstractEventLoop:
             try:
                 import uvloop  # type: ignore[import-not-found,unused-ignore]
 
-                loop = uvloop.new_event_loop()
+                loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
             except ImportError:
                 loop = asyncio.new_event_loop()
             thread = threading.Thread(target=loop.run_forever, name="dcproto-loop", daemon=True)
@@ -79,9 +79,9 @@ def _shutdown() -> None:
     loop.call_soon_threadsafe(loop.stop)
 
 
-def call(coro: Awaitable[T], timeout: float | None = None) -> T:
+def call(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """Run ``coro`` on the background loop and wait for it from this (non-loop) thread."""
-    future = asyncio.run_coroutine_threadsafe(coro, background_loop())  # type: ignore[arg-type]
+    future = asyncio.run_coroutine_threadsafe(coro, background_loop())
     try:
         return future.result(timeout)
     except BaseException:

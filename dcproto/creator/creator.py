@@ -21,10 +21,10 @@ import sys
 import threading
 import types
 from collections import ChainMap
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 
@@ -90,6 +90,7 @@ class ProjectSpec:
     # it); else such a project is refused, untouched, since nothing here could finish it
     allow_unfed: bool = False
     release: bool = True  # tell the server to drop the results once they are here
+    progress: bool = True  # a bar while get_results() / results() waits, on a terminal
 
 
 def _check_function(cls: type, name: str | None, role: str) -> None:
@@ -137,6 +138,9 @@ class Distribute:
     hostile worker cannot run code in this process; ``True`` unpickles them fully (any type
     comes back, and any worker of the server can run code here). The embedded default, whose
     only worker is this machine's, trusts its workers unless told ``trust_workers=False``.
+    ``progress``: while ``get_results()`` or ``await results()`` waits, draw a progress bar on
+    stderr if it is a terminal (never otherwise); ``False`` turns it off for this project
+    class (each call may still say ``progress=``).
     """
 
     def __init__(
@@ -158,6 +162,7 @@ class Distribute:
         local_workers: int | None = None,
         reconnect_timeout: float = 300.0,
         trust_workers: bool | None = None,
+        progress: bool = True,
     ) -> None:
         if iterator is None:
             raise ConfigurationError("Distribute needs an iterator (any iterable of items)")
@@ -199,6 +204,7 @@ class Distribute:
             options=options,
             local_workers=local_workers,
             reconnect_timeout=reconnect_timeout,
+            progress=bool(progress),
         )
 
     def __call__(self, cls: type) -> type[ProjectHandle]:
@@ -266,7 +272,7 @@ def _code_reduce_keeping_filename(code: types.CodeType) -> Any:
     return rebuild, tuple(args)
 
 
-class _ClassPickler(cloudpickle.Pickler):
+class _ClassPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no types
     dispatch_table = ChainMap(
         {types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table
     )
@@ -298,11 +304,15 @@ class ProjectHandle:
 
     _spec: ProjectSpec
     user_class: type
+    # what runs the project on the background loop (dcproto.Executor's handle subclasses it)
+    _run_class: type[ProjectRun] = ProjectRun
 
     def __init__(self, *, _attach_to: str | None = None) -> None:
         # by id alone, the project's own name comes with the server's list of projects
         by_id = self._spec.by_id and _attach_to is not None
-        self.name = _attach_to if by_id else self.user_class.__qualname__
+        self.name: str = (
+            _attach_to if by_id and _attach_to is not None else self.user_class.__qualname__
+        )
         iterable, taken = _iterable_for(self._spec, self.name)
         self._spec = spec = dataclasses.replace(self._spec, iterator=iterable)
         self.project_id: str | None = None
@@ -313,7 +323,7 @@ class ProjectHandle:
             self._writer = ResultsWriter(spec.results_path) if spec.results_path else None
             self._future: concurrent.futures.Future[dict[Any, Any]] = concurrent.futures.Future()
             if _attach_to is None:
-                self._run = ProjectRun(self, pickle_class(self.user_class, spec.modules))
+                self._run = self._run_class(self, pickle_class(self.user_class, spec.modules))
                 starting = self._run.start()
             else:
                 self._run = ProjectRun(self, b"")
@@ -348,25 +358,59 @@ class ProjectHandle:
 
     # ---- public API --------------------------------------------------------------------------
 
-    async def results(self) -> dict[Any, Any]:
+    async def results(self, *, progress: bool | None = None) -> dict[Any, Any]:
         """Wait for the project and return ``{item: return value}``.
 
         Raises TaskFailed (with the item and remote traceback), ProjectCancelled,
-        ProjectUnrunnable or ConnectionFailed when the project cannot finish."""
-        return await asyncio.wrap_future(self._future)
+        ProjectUnrunnable or ConnectionFailed when the project cannot finish. While it waits,
+        a progress bar is drawn on stderr if that is a terminal, unless ``progress=False``
+        (default: the ``progress`` given to ``Distribute``)."""
+        future = asyncio.wrap_future(self._future)
+        if not future.done() and self._bar_wanted(progress):
+            from .progress import wait_showing_async
 
-    def get_results(self, timeout: float | None = None) -> dict[Any, Any]:
+            await wait_showing_async(self, future)
+        return await future
+
+    def get_results(
+        self, timeout: float | None = None, *, progress: bool | None = None
+    ) -> dict[Any, Any]:
         """Blocking form of :meth:`results`; raises TimeoutError after ``timeout`` seconds.
 
         Interrupted (Ctrl-C), it raises KeyboardInterrupt; left uncaught, that prints one line
         saying where the project is (and how to get its results) instead of a traceback."""
         try:
+            if not self._future.done() and self._bar_wanted(progress):
+                from .progress import wait_showing
+
+                wait_showing(self, timeout)
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"project {self.name} not finished after {timeout} s") from None
         except KeyboardInterrupt as exc:
             _mark_interrupt(exc, self._interrupted_text())
             raise
+
+    def as_completed(self, timeout: float | None = None) -> Iterator[tuple[Any, Any]]:
+        """``(item, value)`` pairs as the results arrive: every result once, those that came
+        before the call first. It ends when the project does, and then raises the project's
+        error as :meth:`get_results` would (a failed or cancelled project: after yielding the
+        results that came). ``timeout``: seconds for the whole iteration, then TimeoutError.
+        ``async for item, value in project`` is the same on an event loop. Each iteration
+        is independent: several may run at once, in threads or tasks."""
+        from .stream import _Completed
+
+        return _Completed(self, timeout)
+
+    def __aiter__(self) -> AsyncIterator[tuple[Any, Any]]:
+        from .stream import _Completed
+
+        return _Completed(self)
+
+    def _bar_wanted(self, progress: bool | None) -> bool:
+        from .progress import bar_wanted
+
+        return bar_wanted(self._spec.progress if progress is None else progress)
 
     def _interrupted_text(self) -> str:
         spec, run = self._spec, self._run
@@ -446,7 +490,7 @@ def cancel_project(
         return str(run.attached_status), True
     handle.cancel()
     try:
-        handle.get_results(timeout)
+        handle.get_results(timeout, progress=False)
     except ProjectCancelled:
         return "cancelled", False
     except ProjectError:
@@ -479,7 +523,10 @@ def _attach_by_id(
         allow_unfed=allow_unfed,
         release=release,
     )
-    cls = type("Attached", (ProjectHandle,), {"_spec": spec, "user_class": _Attached})
+    cls = cast(
+        "type[ProjectHandle]",
+        type("Attached", (ProjectHandle,), {"_spec": spec, "user_class": _Attached}),
+    )
     handle = cls.__new__(cls)
     ProjectHandle.__init__(handle, _attach_to=project_id)
     return handle

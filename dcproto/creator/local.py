@@ -13,6 +13,7 @@ from ..connection import Endpoint
 from ..server.server import Server
 from ..trust.tokens import TokenStore
 from ..worker.runner import default_slots
+from ..worker.sandbox import Sandbox, SandboxOptions
 from ..worker.worker import Worker, WorkerConfig
 from .client import on_shutdown
 
@@ -58,7 +59,10 @@ async def local_cluster(slots: int | None = None) -> LocalCluster:
                 endpoint=endpoint,
                 name="local",
                 slots=slots or default_slots(),
-            )
+            ),
+            # the creator's own code on the creator's own machine, as the creator's user:
+            # its tasks may read the creator's files (only the environment is scrubbed)
+            sandbox=Sandbox(SandboxOptions(mode="off"), description="embedded: no sandbox"),
         )
         task = asyncio.create_task(worker.run())
         _cluster = LocalCluster(endpoint, server, worker, task)

@@ -20,7 +20,7 @@ import json
 import os
 import pickle
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import cloudpickle
 
@@ -37,7 +37,8 @@ def load_results(results_path: str | os.PathLike[str]) -> dict[Any, Any]:
     if path.is_dir():
         path = path / RESULTS_PICKLE
     with open(path, "rb") as handle:
-        return pickle.load(handle)
+        results: dict[Any, Any] = pickle.load(handle)
+    return results
 
 
 class ResultsWriter:
@@ -146,7 +147,7 @@ class _Guard:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
         if isinstance(exc, OSError):
             raise ResultsPathError(f"cannot write {self.what} under {self.path}: {exc}") from exc
         return False

@@ -20,8 +20,8 @@ import math
 import pickle
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import cloudpickle
 
@@ -42,6 +42,7 @@ from ..pickling import PLAIN_TYPES
 from ..trust.files import check_files
 from ..trust.safe import loads_from_worker, trusted_loads
 from .client import CreatorClient, get_client
+from .stream import ResultStream
 
 if TYPE_CHECKING:
     from .creator import ProjectHandle
@@ -52,6 +53,18 @@ MAX_TASKS_PER_FRAME = 256
 MAX_ERRORS_PER_TASK = 5  # error reports a task may add to project.errors
 MAX_FRAME_PAYLOAD = 8 * 1024 * 1024  # a Tasks frame is cut once its items reach this size
 FRAME_OVERHEAD = 4096  # room for the rest of a Tasks frame around its items
+
+
+class FeedPaused(Exception):
+    """Raised by a project's iterator (its ``__next__``, called on the background loop) when
+    no item is ready yet but more may follow: the feeder sends what it has, awaits ``waiter``
+    and asks again, instead of taking the pause for the end. ``dcproto.Executor`` feeds its
+    project this way, with ``task_size=1`` (a larger task would lose the items of a chunk cut
+    short by the pause)."""
+
+    def __init__(self, waiter: Awaitable[object]) -> None:
+        super().__init__("no item ready yet")
+        self.waiter = waiter
 
 
 class SeqSet:
@@ -106,6 +119,12 @@ class ProjectRun:
         self.accepted = False  # the server has stored the Submit
         self.attached_status: str | None = None  # the project's status when attached to
         self.finished = False
+        # for the progress bar: worker name -> when its latest result came (monotonic), and
+        # attempts beyond the first of the tasks done (crashes, timeouts, re-issues)
+        self.worker_seen: dict[str, float] = {}
+        self.retried = 0
+        self._streams: list[ResultStream] = []  # as_completed() / async for, being iterated
+        self._stream_tail: list[tuple[Any, Any]] = []  # a stopped project's stopping value
 
     # ---- starting --------------------------------------------------------------------------
 
@@ -252,7 +271,9 @@ class ProjectRun:
         from .creator import shipped_by_value  # creator imports this module
 
         try:
-            chunks = task_chunks(self.spec.iterator, self._skip_items, self.spec.task_size)
+            # ProjectHandle.__init__ replaced a callable iterator with the iterable it made
+            iterable = cast("Iterable[Any]", self.spec.iterator)
+            chunks = task_chunks(iterable, self._skip_items, self.spec.task_size)
         except Exception as exc:
             error = DcprotoError(f"the iterator cannot be iterated: {exc!r}")
             self._fail_locally(_chained(error, exc))
@@ -271,6 +292,7 @@ class ProjectRun:
             batch: list[list[Any]] = []
             batch_bytes = 0
             exhausted = False
+            paused: Awaitable[object] | None = None
             try:
                 while (
                     len(batch) < min(self.credit, MAX_TASKS_PER_FRAME)
@@ -279,7 +301,11 @@ class ProjectRun:
                     if pending is not None:
                         entry, pending = pending, None
                     else:
-                        items = next(chunks, None)
+                        try:
+                            items = next(chunks, None)
+                        except FeedPaused as pause:
+                            paused = pause.waiter
+                            break
                         if items is None:
                             exhausted = True
                             break
@@ -319,6 +345,8 @@ class ProjectRun:
                 return
             assert self.client is not None
             await self.client.drain()
+            if paused is not None:
+                await paused  # whoever paused the iterator wakes it (and on finishing)
             await asyncio.sleep(0)
 
     def _send_tasks(self, batch: list[list[Any]], *, end: bool | None = None) -> None:
@@ -473,6 +501,7 @@ class ProjectRun:
             raise SerializationError(f"{what} was refused: {exc}") from exc
         self.results.update(values)
         stats = message.stats
+        self._arrived(values, stats)
         self.tasks_done += 1
         self.items_done += message.n_items
         self.items_kept += len(values)
@@ -487,6 +516,31 @@ class ProjectRun:
         writer = self.handle._writer
         if writer is not None:
             writer.task_done(message.seq, stats, files)
+
+    def _arrived(self, values: dict[Any, Any], stats: dict[str, Any]) -> None:
+        """A task's results came: hand them to the streams; note who answered, for the bar."""
+        for stream in self._streams:
+            stream.push(values.items())
+        worker, attempt = stats.get("worker"), stats.get("attempt")
+        if isinstance(worker, str):
+            self.worker_seen[worker] = time.monotonic()
+        if type(attempt) is int and attempt > 1:
+            self.retried += attempt - 1
+
+    # ---- streams: on the background loop -----------------------------------------------------
+
+    def subscribe(self, stream: ResultStream) -> None:
+        """Start ``stream`` with every result so far; it gets the rest as they come."""
+        stream.push(self.results.items())
+        if self.finished:
+            stream.push(self._stream_tail)
+            stream.close()
+        else:
+            self._streams.append(stream)
+
+    def unsubscribe(self, stream: ResultStream) -> None:
+        with contextlib.suppress(ValueError):
+            self._streams.remove(stream)
 
     def _decode(self, items_blob: bytes, payload: bytes, what: str) -> dict[Any, Any]:
         """A worker's ``{index: value}`` as ``{item: value}``. The items are our own bytes,
@@ -611,6 +665,12 @@ class ProjectRun:
             future.set_exception(error)
         else:
             future.set_result(result if result is not None else {})
+        if self.status == "stopped" and result:  # the stopping value came with Finished
+            self._stream_tail = [(k, v) for k, v in result.items() if k not in self.results]
+        for stream in self._streams:  # after the future: a stream's end reads the outcome
+            stream.push(self._stream_tail)
+            stream.close()
+        self._streams.clear()
 
     def _stats(self, server: dict[str, Any]) -> dict[str, Any]:
         finished_at = time.time()
@@ -683,7 +743,7 @@ def pickle_items(items: Sequence[Any]) -> bytes:
                 "yield tuples or frozensets instead of lists or sets"
             ) from None
     try:
-        return cloudpickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+        return cast("bytes", cloudpickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
     except Exception as exc:
         raise SerializationError(f"an item cannot be pickled: {exc}") from exc
 

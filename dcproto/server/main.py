@@ -18,11 +18,13 @@ from pathlib import Path
 from .. import protocol as p
 from ..connection import install_uvloop
 from ..errors import DcprotoError
+from ..logs import FORMATS, configure_logging
 from ..paths import default_state_dir
 from ..trust.tls import ServerIdentity, load_identity, load_or_create_identity
 from ..trust.tokens import ADMIN_TOKEN_FILE, TokenStore
 from . import statedir
 from .admission import DEFAULT_MAX_UNAUTHENTICATED, DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
+from .http_options import DEFAULT_HTTP_HOST, HttpListenError, HttpOptions
 from .limits import (
     DEFAULT_MAX_CODE_BYTES,
     DEFAULT_MAX_PROJECTS_PER_CREATOR,
@@ -158,8 +160,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a started task may stay unanswered, heartbeats or not, when its project "
         "sets no shorter task_timeout; then it is re-issued",
     )
+    parser.add_argument(
+        "--http-port",
+        type=_port,
+        default=None,
+        help="serve the web dashboard and Prometheus /metrics on this port (0: any free); "
+        "no HTTP without it",
+    )
+    parser.add_argument(
+        "--http-host",
+        default=DEFAULT_HTTP_HOST,
+        help="address the dashboard binds; on anything but loopback every request needs an "
+        "admin token, over HTTPS unless --insecure",
+    )
+    parser.add_argument(
+        "--http-require-token",
+        action="store_true",
+        help="ask for an admin token on a loopback --http-host too (a shared machine, or a "
+        "reverse proxy in front)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line (ts, level, logger, message, fields)",
+    )
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535, not {text!r}")
+    return value
 
 
 def _slots(text: str) -> int:
@@ -282,15 +319,19 @@ def _new_dirs(path: Path) -> Path | None:
 async def serve(args: argparse.Namespace) -> int:
     state_dir: Path = args.state_dir
     # bind first: a server that cannot listen leaves nothing behind
-    try:
-        check_bind(args.host, args.port)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        print(
-            f"dcproto-server: cannot listen on {_address(args.host, args.port)}: {reason}",
-            file=sys.stderr,
-        )
-        return 2
+    binds = [(args.host, args.port)]
+    if args.http_port is not None:
+        binds.append((args.http_host, args.http_port))
+    for bind_host, bind_port in binds:
+        try:
+            check_bind(bind_host, bind_port)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            print(
+                f"dcproto-server: cannot listen on {_address(bind_host, bind_port)}: {reason}",
+                file=sys.stderr,
+            )
+            return 2
     # every file the server makes (database, WAL, keys, tokens) is private, whatever the umask
     os.umask(0o077)
     lock = statedir.StateDirLock(state_dir)
@@ -314,6 +355,11 @@ async def serve(args: argparse.Namespace) -> int:
             max_stored_result_bytes=args.max_stored_result_bytes,
             max_slots=args.max_slots,
             max_task_time=args.max_task_time,
+            http=None
+            if args.http_port is None
+            else HttpOptions(
+                host=args.http_host, port=args.http_port, require_token=args.http_require_token
+            ),
         )
     except DcprotoError as exc:
         lock.release()
@@ -331,10 +377,12 @@ async def serve(args: argparse.Namespace) -> int:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         reason = exc.strerror or str(exc)
-        print(
-            f"dcproto-server: cannot listen on {_address(args.host, args.port)}: {reason}",
-            file=sys.stderr,
+        where = (
+            _address(args.http_host, args.http_port)
+            if isinstance(exc, HttpListenError)
+            else _address(args.host, args.port)
         )
+        print(f"dcproto-server: cannot listen on {where}: {reason}", file=sys.stderr)
         return 2
     address = args.advertise or f"{join_host(args.host)}:{port}"
     if ":" not in address.rsplit("]", 1)[-1]:
@@ -351,6 +399,9 @@ async def serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     print(f"dcproto server listening on {host}:{port}", flush=True)
+    if server.http is not None:
+        auth = "admin token required" if server.http.tokens_required else "no token on loopback"
+        print(f"dashboard: {server.http.url} ({auth}; Prometheus metrics at /metrics)", flush=True)
     print(f"state dir: {state_dir}", flush=True)
     if identity is None:
         print("TLS is OFF (--insecure): use this on a trusted network only", flush=True)
@@ -375,9 +426,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     if args.insecure and args.host not in LOOPBACK:
         log.warning(
             "serving plain TCP on %s: tokens and data cross the network unprotected", args.host

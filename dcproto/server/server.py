@@ -18,7 +18,7 @@ import ssl
 import time
 import uuid
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import protocol as p
 from ..errors import LocalProtocolError
@@ -47,6 +47,11 @@ from .limits import (
 )
 from .replay import Replay, Replays, TooManyReplays
 from .store import StateError, Store
+
+if TYPE_CHECKING:  # imported when used: aiohttp and prometheus_client only for --http-port
+    from .http import HttpSurface
+    from .http_options import HttpOptions
+    from .metrics import Metrics
 
 log = logging.getLogger("dcproto.server")
 
@@ -361,6 +366,7 @@ class Server:
         max_stored_result_bytes: int = DEFAULT_MAX_STORED_RESULT_BYTES,
         max_slots: int = s.DEFAULT_MAX_SLOTS,
         max_task_time: float = s.DEFAULT_MAX_TASK_TIME,
+        http: HttpOptions | None = None,
     ) -> None:
         """``state_dir=None`` keeps project state in memory only (the embedded default).
         ``identity=None`` serves plain TCP: only for loopback or an explicit ``--insecure``.
@@ -369,7 +375,8 @@ class Server:
         ``max_projects_per_creator``, ``max_code_bytes`` and ``max_stored_result_bytes`` are
         the per-creator limits (see :mod:`.limits`; 0: no limit). ``max_slots`` caps the
         slots a worker is credited with, ``max_task_time`` the seconds a started task may stay
-        unanswered (see :class:`.scheduler.Scheduler`)."""
+        unanswered (see :class:`.scheduler.Scheduler`). ``http``: serve the dashboard and
+        Prometheus metrics there too (see :mod:`.http`)."""
         self.tokens = tokens
         self.identity = identity
         # what a client's proof is bound to: our certificate (nothing on plain TCP)
@@ -424,6 +431,10 @@ class Server:
         self._timer: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.address: tuple[str, int] | None = None
+        self.started_at = time.monotonic()  # for ServerInfo's uptime
+        self.http_options = http
+        self.http: HttpSurface | None = None  # the dashboard and /metrics, once started
+        self.metrics: Metrics | None = None  # made with it: the hooks below skip when None
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -437,9 +448,26 @@ class Server:
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
         self._timer = asyncio.create_task(self._run_timers())
+        if self.http_options is not None:
+            try:
+                await self._start_http(self.http_options)
+            except BaseException:
+                self._server.close()
+                self._timer.cancel()
+                raise
         return self.address
 
+    async def _start_http(self, options: HttpOptions) -> None:
+        from .http import HttpSurface
+        from .metrics import Metrics
+
+        self.metrics = Metrics(self)
+        self.http = HttpSurface(self, options, self.metrics)
+        await self.http.start()
+
     async def stop(self, reason: str = "server shutting down") -> None:
+        if self.http is not None:
+            await self.http.stop()
         if self._server is not None:
             self._server.close()
         self._commit_and_flush()
@@ -547,6 +575,8 @@ class Server:
             log.warning("%s", exc)
 
     def _commit(self) -> None:
+        timed = self.metrics is not None and self.store.has_pending()
+        started = time.perf_counter()
         try:
             dropped = self.store.commit()
         except StateError as exc:
@@ -559,6 +589,8 @@ class Server:
             if self._store_failing:
                 log.warning("the state database is writable again")
             self._store_failing = False
+            if timed and self.metrics is not None:
+                self.metrics.commit_took(time.perf_counter() - started)
             self._unsaved_results.clear()
             self._unsaved_finished.clear()
             if dropped:
@@ -743,19 +775,22 @@ class Server:
             case p.WorkerState():
                 was = conn.worker_state
                 conn.worker_state = message
-                if was is None or was.paused != message.paused or was.trust != message.trust:
+                changed = was is None or (was.paused, was.trust) != (message.paused, message.trust)
+                if changed:  # else only its usage figures are new
                     log.info(
                         "worker %s %s%s",
                         peer_text(conn.name, 60),
                         "paused" if message.paused else "running",
                         f", for {len(message.trust)} trusted creators" if message.trust else "",
                     )
-                self._run(
-                    self.scheduler.worker_state(
-                        conn.conn_id, paused=message.paused, trust=message.trust, now=now
+                    self._run(
+                        self.scheduler.worker_state(
+                            conn.conn_id, paused=message.paused, trust=message.trust, now=now
+                        )
                     )
-                )
             case p.Result():
+                if self.metrics is not None:
+                    self.metrics.result(conn, message)
                 self._run(self.scheduler.task_result(conn.conn_id, message, now))
             case p.Reject():
                 log.info(
@@ -820,9 +855,15 @@ class Server:
                     live = self.scheduler.projects.get(row["project_id"])
                     if live is not None:  # running: the counts of now
                         row["tasks_done"], row["items_done"] = live.tasks_done, live.items_done
+                        row["tasks_reissued"] = live.tasks_reissued
+                        if live.first_started_at is not None:  # monotonic: as epoch seconds
+                            started = live.first_started_at - live.submitted_at
+                            row["first_started_at"] = row["submitted_at"] + started
                 conn.send(p.ProjectList(ref=message.ref, projects=projects))
             case p.ListWorkers():
                 conn.send(p.WorkerList(ref=message.ref, workers=self._worker_rows(conn, now)))
+            case p.ServerInfo():
+                conn.send(p.ServerInfoReply(ref=message.ref, info=self._server_info(conn, now)))
             case p.Cancel():
                 running = self.scheduler.projects.get(message.project_id)
                 if self._may_access(conn, message.project_id):
@@ -843,10 +884,10 @@ class Server:
             case _:
                 pass  # Heartbeat: liveness was recorded above
 
-    def _worker_rows(self, asker: ServerConnection, now: float) -> list[dict[str, Any]]:
+    def _worker_rows(self, asker: ServerConnection | None, now: float) -> list[dict[str, Any]]:
         """The connected workers as ``asker`` may see them: volunteers' details (identity,
-        device, trust, usage) go to admins only."""
-        admin = asker.token_role == "admin"
+        device, trust, usage) go to admins only. ``None``: the dashboard (an admin's view)."""
+        admin = asker is None or asker.token_role == "admin"
         rows = []
         for conn in self.workers.values():
             record = self.scheduler.workers.get(conn.conn_id)
@@ -859,6 +900,7 @@ class Server:
                 "running": record.running,
                 "held": len(record.leased),
                 "done": record.done,
+                "last_seen": max(0.0, now - record.last_seen),
             }
             if admin:
                 state = conn.worker_state
@@ -872,6 +914,43 @@ class Server:
                 )
             rows.append(row)
         return rows
+
+    def _server_info(self, asker: ServerConnection, now: float) -> dict[str, Any]:
+        """ServerInfoReply's map: version, uptime, address, certificate and counts. Running
+        projects are counted as ListProjects shows them: the asker's own, or all for an admin."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("dcproto")
+        except PackageNotFoundError:
+            from .. import __version__ as number
+        records = [self.scheduler.workers.get(c.conn_id) for c in self.workers.values()]
+        workers = [record for record in records if record is not None]
+        running = sum(
+            project.status == "running"
+            and permissions.may_access_project(
+                asker.identity or "", asker.token_role or "", project.owner
+            )
+            for project in self.scheduler.projects.values()
+        )
+        address = self.address
+        return {
+            "version": number,
+            "protocol": p.PROTOCOL_VERSION,
+            "uptime": now - self.started_at,
+            "started_at": time.time() - (now - self.started_at),
+            "time": time.time(),
+            "address": None if address is None else f"{address[0]}:{address[1]}",
+            "tls": self.identity is not None,
+            "fingerprint": None if self.identity is None else self.identity.fingerprint,
+            "identity": asker.identity,
+            "role": asker.token_role,
+            "workers": len(workers),
+            "slots": sum(record.slots for record in workers),
+            "slots_busy": sum(record.running for record in workers),
+            "creators": len(self.creators),
+            "projects_running": running,
+        }
 
     def _verified(self, conn: ServerConnection, hello: p.Hello) -> TokenRecord | None:
         record = self.tokens.get(hello.identity)
@@ -1222,6 +1301,8 @@ class Server:
                     conn = self.workers.get(worker_id)
                     if conn is not None:
                         conn.send(message)
+                    if self.metrics is not None and isinstance(message, p.Task):
+                        self.metrics.task_sent(message)
                 case s.AbandonTasks(worker_id, task_ids):
                     conn = self.workers.get(worker_id)
                     if conn is not None:
@@ -1234,6 +1315,8 @@ class Server:
                     self._wake_at(when)
                 case s.StoreTasks(project_id, tasks):
                     self.store.tasks_added(project_id, tasks)
+                    if self.metrics is not None:
+                        self.metrics.task_stored(project_id, tasks)
                 case s.ToCreator(creator_id, message):
                     if isinstance(message, p.TaskDone):
                         record = {
@@ -1251,6 +1334,8 @@ class Server:
                         total = self.usage.result_stored(message.project_id, nbytes)
                         if past_quota(self.limits, total):
                             self._over_quota.add(message.project_id)
+                        if self.metrics is not None:
+                            self.metrics.task_done(message)
                     conn = self.creators.get(creator_id or "")
                     if conn is not None:
                         self._to_creator(conn, message)
@@ -1293,6 +1378,8 @@ class Server:
     def _finished(self, message: p.Finished) -> None:
         log.info("project %s %s", message.project_id, message.status)
         project = self.scheduler.projects.get(message.project_id)
+        if project is not None and self.metrics is not None:
+            self.metrics.project_finished(project, message)
         if project is not None:
             self._unsaved_finished[message.project_id] = (
                 message,

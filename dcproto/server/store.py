@@ -667,11 +667,13 @@ class Store:
         return 0 if row is None else int(row[0])
 
     def projects(self) -> list[dict[str, Any]]:
-        """One row per project; ``tasks_done`` and ``items_done`` are those of a finished
-        project's final stats (None while it runs: the scheduler knows them)."""
+        """One row per project; ``tasks_done``, ``items_done``, ``tasks_reissued`` and
+        ``first_started_at`` (epoch seconds) are those of a finished project's final stats
+        (None while it runs: the scheduler knows them)."""
         rows = self._db.execute(
             "SELECT project_id, name, status, submitted_at, finished_at, total_tasks, "
-            "tasks_received, released, owner, stats FROM projects ORDER BY submitted_at"
+            "total_items, tasks_received, released, owner, stats FROM projects "
+            "ORDER BY submitted_at"
         ).fetchall()
         keys = (
             "project_id",
@@ -680,6 +682,7 @@ class Store:
             "submitted_at",
             "finished_at",
             "total_tasks",
+            "total_items",
             "tasks_received",
             "released",
             "owner",
@@ -691,9 +694,16 @@ class Store:
                 stats = json.loads(row[-1]) if row[-1] else {}
             except ValueError:
                 stats = {}
-            for name in ("tasks_done", "items_done"):
-                value = stats.get(name) if isinstance(stats, dict) else None
+            if not isinstance(stats, dict):
+                stats = {}
+            for name in ("tasks_done", "items_done", "tasks_reissued"):
+                value = stats.get(name)
                 record[name] = value if type(value) is int else None
+            # the stats' times are the server's monotonic clock: carry the delay over to ours
+            started, submitted = stats.get("first_started_at"), stats.get("submitted_at")
+            record["first_started_at"] = None
+            if isinstance(started, int | float) and isinstance(submitted, int | float):
+                record["first_started_at"] = record["submitted_at"] + (started - submitted)
             out.append(record)
         return out
 

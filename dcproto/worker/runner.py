@@ -1,11 +1,18 @@
 """Runs tasks in reusable child processes, so user code can raise, crash or hang safely.
 
-Each slot is one ``python -m dcproto.child`` process. A task goes to the child with the fewest
-tasks, which is loaded with the project's code the first time it runs one of that project's
-tasks. A child holds one task at a time, except for short tasks with no time limit: then it is
-sent up to ``PIPELINE_DEPTH`` at once and runs them back to back, never waiting for the worker
-between two of them (and one write carries several). A child that dies mid-task yields outcome
-``crash`` and is replaced (the tasks queued behind it are handed back as ``abandoned``).
+One project per child process: a child is bound to the first project it is given and only
+ever runs that project's tasks, so no creator's code shares a process (patched builtins,
+modules, state) with another's. At most ``slots`` children run tasks at once. A task goes to
+an idle child of its project; else to a clean child (never loaded), which is then bound; else,
+if the project's tasks are short, it queues in a busy child of its project; else, if a slot is
+free, the idle child used longest ago is replaced by a fresh process for the project. Clean
+children are started ahead of need: when the last clean one is bound, one more ("spare") is
+started in the background, up to ``slots + SPARES`` processes in all, so a new project rarely
+waits for a spawn. A child holds one task at a time, except for short tasks with no time
+limit: then it is sent up to ``PIPELINE_DEPTH`` at once and runs them back to back, never
+waiting for the worker between two of them (and one write carries several). A child that dies
+mid-task yields outcome ``crash`` and is replaced (the tasks queued behind it are handed back
+as ``abandoned``).
 
 To abandon a task (or end one over its time limit) the runner writes its (task_id, attempt) to
 the child's abandon pipe, then sends SIGUSR1. The child reads the pipe whenever the signal
@@ -13,6 +20,18 @@ comes and before it starts each task, so the request is never lost: the running 
 interrupted if it is the one named (at once, if user code is in Python), a queued one is
 answered ``abandoned`` without running, and a signal that lands between two tasks harms
 neither. A child still on the task ``KILL_GRACE`` seconds later gets SIGKILL and is replaced.
+
+Whenever the runner kills a child (that escalation, a cap, ``close``) it kills every process
+under it too, found by walking /proc (sessions and double forks do not hide them): see
+:func:`child.kill_tree`. The child does the same after each task itself.
+
+Caps the volunteer sets (:class:`TaskLimits`, see :meth:`Runner.set_limits`) go to each child
+before its project's code: the child enforces them (see :mod:`dcproto.worker.child`) and answers
+``memory``, ``cpu_time`` or ``disk``. As user code can lift a soft limit or ignore SIGXCPU, and
+RLIMIT_AS caps one process, not what it starts, the runner also looks at the process trees of
+running tasks every ``WATCH_INTERVAL`` seconds and kills a child whose task has used
+``CPU_GRACE`` CPU seconds more than ``max_task_seconds``, or whose tree holds more than
+``max_memory``.
 """
 
 from __future__ import annotations
@@ -20,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -29,7 +49,9 @@ import struct
 import sys
 import tempfile
 import time
+import weakref
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,17 +59,78 @@ from typing import Any
 import msgpack
 
 from .. import protocol as p
-from ..paths import OUTPUT_DIR_ENV
-from .child import MAX_LOADED_PROJECTS
+from .child import cap_error, kill_tree, tree_usage
+from .sandbox import Sandbox, SandboxOptions, launch
 
 log = logging.getLogger("dcproto.runner")
 
 KILL_GRACE = 1.0  # seconds a child gets to give up a task before it is killed
 ABANDON_RECORD = struct.Struct(">QI")  # (task_id, attempt) on the abandon pipe
-SPAWN_TIMEOUT = 30.0
+SPAWN_TIMEOUT = 30.0  # seconds a new child may take to say it is ready
 PIPELINE_DEPTH = 4  # tasks a child may hold at once, when they are short
 SHORT_TASK = 0.002  # seconds: a project whose tasks average less is pipelined
 MAX_TIMED_PROJECTS = 256  # projects whose task times are remembered
+SPARES = 1  # clean children started ahead of need, beyond the slots
+WATCH_INTERVAL = 0.5  # seconds between two looks at the processes of running tasks
+CPU_GRACE = 2.0  # CPU seconds past max_task_seconds before the runner kills the child
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLimits:
+    """Caps the volunteer sets on every task; None is no cap."""
+
+    max_memory: int | None = None  # bytes per slot: address space of the child and each process
+    max_task_seconds: float | None = None  # CPU seconds per task (its processes' included)
+    max_disk: int | None = None  # bytes one task may leave in its output dir (and per file)
+
+    def __post_init__(self) -> None:
+        for name in ("max_memory", "max_task_seconds", "max_disk"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, or None for no cap")
+
+    def command(self) -> list[Any]:
+        """The child's ``limits`` command."""
+        return [
+            "limits",
+            None if self.max_memory is None else int(self.max_memory),
+            None if self.max_task_seconds is None else float(self.max_task_seconds),
+            None if self.max_disk is None else int(self.max_disk),
+        ]
+
+
+NO_LIMITS = TaskLimits()
+
+# why the runner killed a child process (read by its reader, for the task it was on)
+_kill_reasons: weakref.WeakKeyDictionary[asyncio.subprocess.Process, str] = (
+    weakref.WeakKeyDictionary()
+)
+# set when a child process has said it is ready (see _read_answers)
+_ready: weakref.WeakKeyDictionary[asyncio.subprocess.Process, asyncio.Future[None]] = (
+    weakref.WeakKeyDictionary()
+)
+_background: set[asyncio.Future[Any]] = set()
+
+
+def _ready_future(process: asyncio.subprocess.Process) -> asyncio.Future[None]:
+    future = _ready.get(process)
+    if future is None:
+        future = _ready[process] = asyncio.get_running_loop().create_future()
+    return future
+
+
+def _in_background(work: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+    """Run ``work`` without waiting for it; a failure is logged."""
+    future = asyncio.ensure_future(work)
+    _background.add(future)
+
+    def done(future: asyncio.Future[Any]) -> None:
+        _background.discard(future)
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            log.error("child process management failed: %s", exc, exc_info=exc)
+
+    future.add_done_callback(done)
+    return future
 
 
 @dataclass(slots=True)
@@ -68,9 +151,20 @@ class Child:
 
     _ids = itertools.count(1)
 
-    def __init__(self, workdir: Path) -> None:
+    # Set by the runner (see Runner._pick): the project this child's process serves, or
+    # will once loaded (None: a clean child), and the caps its process got or will get.
+    bound: str | None = None
+    bound_limits: TaskLimits | None = None
+    last_used = 0.0  # when it last finished a task (monotonic): the oldest idle one is replaced
+    # (pid, task, CPU seconds of its tree when the runner first saw it running the task)
+    watched: tuple[int, tuple[int, int], float] | None = None
+
+    def __init__(self, workdir: Path, sandbox: Sandbox | None = None) -> None:
         self.number = next(self._ids)
         self.workdir = workdir
+        # how the process is started (None: no namespaces, no drop, scrubbed environment)
+        self.sandbox = sandbox if sandbox is not None else Sandbox(SandboxOptions(mode="off"))
+        self.child_dir: Path | None = None  # the process's private HOME, cwd and TMPDIR
         self.process: asyncio.subprocess.Process | None = None
         # the projects the child holds, in the child's own LRU order (see child.main)
         self.loaded: OrderedDict[str, None] = OrderedDict()
@@ -92,32 +186,84 @@ class Child:
         return next(iter(self.queue), None)
 
     async def ensure_started(self) -> None:
-        """Start the process if it is not running; tasks sharing the child start it once."""
-        if self.alive:
-            return
-        if self._starting is None or self._starting.done():
-            self._starting = asyncio.ensure_future(self.start())
-        await asyncio.shield(self._starting)
+        """Start the process if it is not running (or wait for the start or replacement in
+        progress) and until it is ready; tasks sharing the child start it once."""
+        if self._starting is not None and not self._starting.done():
+            await asyncio.shield(self._starting)
+        if not self.alive:
+            if self._starting is None or self._starting.done():
+                self._starting = asyncio.ensure_future(self._start_ready())
+            await asyncio.shield(self._starting)
+
+    async def _start_ready(self) -> None:
+        """Start the process and wait until it has said it is ready, so that no task's
+        clock counts an interpreter starting up."""
+        await self.start()
+        process = self.process
+        assert process is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(_ready_future(process)), SPAWN_TIMEOUT)
+        except TimeoutError:
+            log.warning("child %d not ready after %s s; killing it", self.number, SPAWN_TIMEOUT)
+            await _kill_process_tree(process, "runner")
+
+    def start_soon(self) -> None:
+        """Start the process in the background (a spare): a task given the child meanwhile
+        waits for it in :meth:`ensure_started`."""
+        if not self.alive and (self._starting is None or self._starting.done()):
+            self._starting = _in_background(self._start_ready())
+
+    def replace(self) -> None:
+        """Swap the process for a fresh one, in the background (as :meth:`start_soon`)."""
+        previous = self._starting
+
+        async def swap() -> None:
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
+            await self.stop()
+            await self._start_ready()
+
+        self._starting = _in_background(swap())
+
+    async def shutdown(self) -> None:
+        """Stop the process for good, after any start in progress."""
+        if self._starting is not None and not self._starting.done():
+            await asyncio.wait([self._starting])
+        await self.stop()
 
     async def start(self) -> None:
         if self.output_dir is not None:
             shutil.rmtree(self.output_dir, ignore_errors=True)  # what a dead child left
+        if self.child_dir is not None:
+            shutil.rmtree(self.child_dir, ignore_errors=True)  # the last process's home
         self.generation += 1
         self.output_dir = self.workdir / f"child-{self.number}-{self.generation}"
+        self.child_dir = self.workdir / f"home-{self.number}-{self.generation}"
         self._close_abandon_pipe()
         read_end, write_end = os.pipe()
         os.set_blocking(write_end, False)  # a record is 12 bytes: a full pipe drops it
         try:
+            how = launch(
+                self.sandbox,
+                child_dir=self.child_dir,
+                output_dir=self.output_dir,
+                argv=[
+                    sys.executable,
+                    "-c",
+                    "from dcproto.worker.child import main; main()",
+                    str(read_end),
+                ],
+                pass_fds=(read_end,),
+            )
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                "from dcproto.worker.child import main; main()",
-                str(read_end),
+                *how.argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=p.DEFAULT_MAX_FRAME * 2,
-                env={**child_environment(), OUTPUT_DIR_ENV: str(self.output_dir)},
-                pass_fds=(read_end,),
+                env=how.env,
+                cwd=how.cwd,
+                pass_fds=how.pass_fds,
+                preexec_fn=how.preexec_fn,
             )
         except BaseException:
             os.close(write_end)
@@ -160,6 +306,10 @@ class Child:
                 (size,) = p.HEADER.unpack(header)
                 body = await process.stdout.readexactly(size)
                 answer = msgpack.unpackb(body, raw=False)
+                if answer[0] == "ready":
+                    if not (ready := _ready_future(process)).done():
+                        ready.set_result(None)
+                    continue
                 if queue:  # answers come in the order the tasks were sent
                     _, future = queue.popitem(last=False)
                     now = time.monotonic()
@@ -169,12 +319,18 @@ class Child:
                         future.set_result((answer, service))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except Exception as exc:  # user code wrote on the answer channel: end the child
+            log.warning("child %d sent a bad answer (%s); killing it", self.number, exc)
+            await _kill_process_tree(process, "runner")
         code = await process.wait()
+        if not (ready := _ready_future(process)).done():
+            ready.set_result(None)  # never will be: its tasks fail as it is gone
+        reason = _kill_reasons.pop(process, None)
         lost = list(queue.values())
         queue.clear()
         for index, future in enumerate(lost):
             if not future.done():  # the first was running; the others never started
-                future.set_exception(ChildDied(code) if index == 0 else ChildGone())
+                future.set_exception(ChildDied(code, reason) if index == 0 else ChildGone())
 
     def run(self, key: tuple[int, int], command: list[Any]) -> asyncio.Future[Any]:
         """Send a run command; the future gets (answer, service seconds)."""
@@ -193,14 +349,19 @@ class Child:
     def signal(self, signum: int) -> None:
         if self.alive:
             assert self.process is not None
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signum)
+            _signal_process(self.process, signum)
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the child and every process under it (see :func:`child.kill_tree`; the
+        /proc walk runs in a thread). ``reason`` goes with the task's :class:`ChildDied`."""
+        if self.alive:
+            assert self.process is not None
+            _in_background(_kill_process_tree(self.process, reason))
 
     async def stop(self) -> None:
         if self.process is None:
             return
-        if self.alive:
-            self.signal(signal.SIGKILL)
+        await _kill_process_tree(self.process, "runner")
         with contextlib.suppress(Exception):
             await self.process.wait()
         self._close_abandon_pipe()
@@ -209,12 +370,32 @@ class Child:
                 await self._reader
 
 
+def _signal_process(process: asyncio.subprocess.Process, signum: int) -> None:
+    """Signal a child process by pid: not ``send_signal``, which first polls (waitpid) and
+    so may reap a child that just died before asyncio's watcher does, which then reports
+    returncode 255 for it. Until asyncio has seen it exit, the pid is still ours."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signum)
+
+
+async def _kill_process_tree(process: asyncio.subprocess.Process, reason: str) -> None:
+    """SIGKILL ``process`` and all under it; ``reason`` goes with its :class:`ChildDied`."""
+    if process.returncode is None:
+        _kill_reasons.setdefault(process, reason)
+        if not await asyncio.to_thread(kill_tree, process.pid, include_root=True):
+            _signal_process(process, signal.SIGKILL)  # a /proc not to be trusted: itself only
+
+
 class ChildGone(Exception):
     """The child died before it started this task (another one crashed it)."""
 
 
 class ChildDied(Exception):
-    def __init__(self, returncode: int) -> None:
+    """The child died while on this task; ``reason`` says why if the runner killed it
+    (``runner``: abandon, time limit or stop; ``cpu_time`` or ``memory``: a cap)."""
+
+    def __init__(self, returncode: int, reason: str | None = None) -> None:
         if returncode < 0:
             try:
                 how = f"was killed by {signal.Signals(-returncode).name}"
@@ -224,22 +405,32 @@ class ChildDied(Exception):
             how = f"exited with code {returncode}"
         super().__init__(f"the child process running the task {how}")
         self.returncode = returncode
+        self.reason = reason
 
 
 class Runner:
-    """A pool of ``slots`` child processes. ``await run(project, task)`` gives an Outcome."""
+    """A pool of ``slots`` child processes (and ``SPARES`` more, clean, ahead of need).
+    ``await run(project, task)`` gives an Outcome."""
 
-    def __init__(self, slots: int) -> None:
+    limits: TaskLimits = NO_LIMITS  # see set_limits
+    _watchdog: asyncio.Task[None] | None = None  # see _patrol
+
+    def __init__(self, slots: int, *, sandbox: Sandbox | None = None) -> None:
         if slots < 1:
             raise ValueError("slots must be >= 1")
         self.slots = slots
+        self.sandbox = sandbox  # see sandbox.probe; None: no namespaces, no drop
         self._tmp = tempfile.TemporaryDirectory(prefix="dcproto-worker-")
         self.workdir = Path(self._tmp.name)
-        self._children = [Child(self.workdir) for _ in range(slots)]
+        if sandbox is not None and sandbox.run_as is not None:
+            os.chmod(self.workdir, 0o711)  # children dropped to nobody must reach their homes
+        self._children = [Child(self.workdir, sandbox) for _ in range(slots)]
         # tasks waiting for a place in a child, oldest first: (depth allowed, where it goes)
         self._waiting: collections.deque[tuple[int, asyncio.Future[Child]]] = collections.deque()
         # keyed by (task_id, attempt): a re-sent task may overlap its abandoned attempt
         self._abandoned: set[tuple[int, int]] = set()
+        self._paused_since: float | None = None  # the volunteer stopped the children then
+        self._paused_total = 0.0  # seconds they were stopped before
         self._running: dict[tuple[int, int], Child] = {}
         # per project (the latest MAX_TIMED_PROJECTS): the average time one of its tasks takes
         self._task_seconds: OrderedDict[str, float] = OrderedDict()
@@ -249,8 +440,22 @@ class Runner:
         await asyncio.gather(*(child.ensure_started() for child in self._children))
 
     async def close(self) -> None:
-        await asyncio.gather(*(child.stop() for child in self._children))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await asyncio.gather(*(child.shutdown() for child in self._children))
         self._tmp.cleanup()
+
+    def set_limits(self, limits: TaskLimits) -> None:
+        """The caps for every task from now on. A child gets the caps with its project's
+        code, for its life: children under other caps are no longer used for new tasks (the
+        idle ones are replaced as places are needed)."""
+        self.limits = limits
+
+    @functools.cached_property
+    def _line(self) -> collections.deque[tuple[str, int, asyncio.Future[Child]]]:
+        """Tasks waiting for a place in a child, oldest first: (project, depth allowed, where
+        it goes)."""
+        return collections.deque()
 
     def abandon(self, task_id: int, *, started: bool = True) -> bool:
         """Ask the children holding ``task_id`` (any attempt) to give it up: a queued one is
@@ -270,6 +475,25 @@ class Runner:
                 child.abandon(key)
         return bool(keys)
 
+    def paused(self, paused: bool) -> None:
+        """The children were stopped (True) or continued (False) by the volunteer: a task's
+        time limit does not count the time it spent stopped."""
+        now = time.monotonic()
+        if paused and self._paused_since is None:
+            self._paused_since = now
+        elif not paused and self._paused_since is not None:
+            self._paused_total += now - self._paused_since
+            self._paused_since = None
+
+    def _paused_time(self) -> float:
+        """Seconds the children have spent stopped so far (a running total)."""
+        since = self._paused_since
+        return self._paused_total + (0.0 if since is None else time.monotonic() - since)
+
+    def child_pids(self) -> list[int]:
+        """The pids of the live child processes (for pausing them, and for usage figures)."""
+        return [c.process.pid for c in self._children if c.process is not None and c.alive]
+
     def is_running(self, task_id: int, attempt: int) -> bool:
         return (task_id, attempt) in self._running
 
@@ -280,20 +504,64 @@ class Runner:
         seconds = self._task_seconds.get(project.project_id)
         return PIPELINE_DEPTH if seconds is not None and seconds < SHORT_TASK else 1
 
-    def _least_loaded(self, depth: int) -> Child | None:
-        """The child with the fewest tasks, if it has fewer than ``depth``."""
-        child = min(self._children, key=lambda c: c.reserved)
-        return child if child.reserved < depth else None
+    def _pick(self, project_id: str, depth: int) -> Child | None:
+        """A child for one more task of ``project_id``, reserved, or None if there is no room
+        (see the module docstring for the order of preference)."""
+        children = self._children
+        busy = sum(1 for child in children if child.reserved)
+        limits = self.limits
+        mine = [c for c in children if c.bound == project_id and c.bound_limits == limits]
+        chosen: Child | None = None
+        if busy < self.slots:
+            chosen = next((c for c in mine if not c.reserved), None)
+            if chosen is None:
+                clean = [c for c in children if c.bound is None and not c.reserved]
+                if clean:
+                    chosen = min(clean, key=_start_order)
+                    self._bind(chosen, project_id)
+                    self._top_up()
+        if chosen is None:
+            room = [c for c in mine if 0 < c.reserved < depth]
+            if room:
+                chosen = min(room, key=lambda c: c.reserved)
+        if chosen is None and busy < self.slots:
+            if len(children) < self.slots + SPARES:
+                chosen = self._new_child()
+            else:  # the idle child used longest ago makes way: a fresh process takes its place
+                chosen = min((c for c in children if not c.reserved), key=lambda c: c.last_used)
+            self._bind(chosen, project_id)
+            if chosen.loaded:  # its process has run code: another project's, or under other caps
+                chosen.replace()
+        if chosen is not None:
+            chosen.reserved += 1
+        return chosen
 
-    async def _child_for(self, depth: int) -> Child:
+    def _bind(self, child: Child, project_id: str) -> None:
+        child.bound = project_id
+        child.bound_limits = self.limits
+
+    def _new_child(self) -> Child:
+        """One more child, made as ``__init__`` makes the first ``slots`` (not started)."""
+        child = Child(self.workdir, self.sandbox)
+        self._children.append(child)
+        return child
+
+    def _top_up(self) -> None:
+        """Start a clean child if none is left and the process count allows (a spare)."""
+        if len(self._children) < self.slots + SPARES and all(
+            c.bound is not None for c in self._children
+        ):
+            self._new_child().start_soon()
+
+    async def _child_for(self, project_id: str, depth: int) -> Child:
         """A child for one more task, reserved. Waiting tasks are served in arrival order,
         one per freed place (waking every waiter at each answer cost more than the task)."""
-        child = None if self._waiting else self._least_loaded(depth)
+        child = None if self._line else self._pick(project_id, depth)
         if child is not None:
-            child.reserved += 1
             return child
         handed: asyncio.Future[Child] = asyncio.get_running_loop().create_future()
-        self._waiting.append((depth, handed))
+        entry = (project_id, depth, handed)
+        self._line.append(entry)
         try:
             return await handed
         except asyncio.CancelledError:
@@ -301,28 +569,28 @@ class Runner:
                 handed.result().reserved -= 1
             else:  # gone from the line, which must not stay blocked by a task that left it
                 with contextlib.suppress(ValueError):
-                    self._waiting.remove((depth, handed))
+                    self._line.remove(entry)
             self._hand_out()
             raise
 
     def _hand_out(self) -> None:
         """Give freed places to the tasks waiting longest."""
-        while self._waiting:
-            depth, handed = self._waiting[0]
+        line = self._line
+        while line:
+            project_id, depth, handed = line[0]
             if handed.done():  # its task was cancelled
-                self._waiting.popleft()
+                line.popleft()
                 continue
-            child = self._least_loaded(depth)
+            child = self._pick(project_id, depth)
             if child is None:
                 return
-            self._waiting.popleft()
-            child.reserved += 1
+            line.popleft()
             handed.set_result(child)
 
     async def run(self, project: p.Project, task: p.Task) -> Outcome:
         """Run ``task`` in a child. Cancelling this coroutine while it waits for a child is
         safe; once running, abandon it with :meth:`abandon` instead."""
-        child = await self._child_for(self._depth(project))
+        child = await self._child_for(project.project_id, self._depth(project))
         key = (task.task_id, task.attempt)
         try:
             await child.ensure_started()
@@ -331,6 +599,7 @@ class Runner:
             self._running.pop(key, None)
             self._abandoned.discard(key)
             child.reserved -= 1
+            child.last_used = time.monotonic()
             self._hand_out()
         spent = outcome.stats.get("exec")
         if outcome.outcome == "ok" and isinstance(spent, float):
@@ -342,6 +611,9 @@ class Runner:
 
     async def _run_in(self, child: Child, project: p.Project, task: p.Task) -> Outcome:
         if project.project_id not in child.loaded:
+            if child.loaded or child.bound != project.project_id:  # never: see _pick
+                raise RuntimeError(f"child {child.number} serves another project")
+            child.send((child.bound_limits or NO_LIMITS).command())  # before any user code
             child.send(
                 [
                     "load",
@@ -356,12 +628,10 @@ class Runner:
                 ]
             )
             child.loaded[project.project_id] = None
-            while len(child.loaded) > MAX_LOADED_PROJECTS:
-                child.loaded.popitem(last=False)
-        child.loaded.move_to_end(project.project_id)
         key = (task.task_id, task.attempt)
         self._running[key] = child
         answer = child.run(key, ["run", task.task_id, task.attempt, task.project_id, task.items])
+        self._watch(child)
         outcome = await self._answer(child, project, task, answer)
         if not child.alive and child.output_dir is not None:
             shutil.rmtree(child.output_dir, ignore_errors=True)  # it died before emptying it
@@ -382,7 +652,19 @@ class Runner:
             if timeout is None:
                 answer = await future
             else:  # the task is alone in its child (see _depth): its clock starts now
-                answer = await asyncio.wait_for(asyncio.shield(future), timeout)
+                paused_before = self._paused_time()
+                budget = float(timeout)
+                while True:
+                    try:
+                        answer = await asyncio.wait_for(asyncio.shield(future), budget)
+                        break
+                    except TimeoutError:
+                        # time spent stopped by the volunteer is given back to the task
+                        budget = self._paused_time() - paused_before
+                        paused_before += budget
+                        if budget <= 0 and self._paused_since is None:
+                            raise
+                        budget = max(budget, 0.1)
         except TimeoutError:
             timed_out = True
             self._give_up(child, key)
@@ -395,6 +677,11 @@ class Runner:
         except ChildDied as exc:
             if key in self._abandoned:
                 return Outcome("abandoned")
+            limits = child.bound_limits or NO_LIMITS
+            cap = _cap_of(exc, limits)
+            if cap is not None:
+                error = cap_error(cap, _cap_value(cap, limits), str(exc))
+                return Outcome(cap, error=error | {"returncode": exc.returncode})
             return Outcome("crash", error={"message": str(exc), "returncode": exc.returncode})
         if timed_out:
             return Outcome(
@@ -422,19 +709,77 @@ class Runner:
         def escalate() -> None:
             if child.running == key and answer is not None and not answer.done():
                 log.warning("child %d did not give up task %s; killing it", child.number, key)
-                child.signal(signal.SIGKILL)
+                child.kill("runner")
 
         asyncio.get_running_loop().call_later(KILL_GRACE, escalate)
+
+    def _watch(self, child: Child) -> None:
+        """Have the watchdog look at ``child`` while it runs tasks, if its caps need it."""
+        limits = child.bound_limits
+        if limits is None or (limits.max_task_seconds is None and limits.max_memory is None):
+            return
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.create_task(self._patrol())
+
+    async def _patrol(self) -> None:
+        """Every WATCH_INTERVAL, while capped tasks run: the CPU seconds and memory of each
+        one's process tree; a child whose task is past its cap (by CPU_GRACE for CPU, which
+        the child enforces itself unless user code stops it) is killed, with its tree."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            watched: list[tuple[Child, int, tuple[int, int], TaskLimits]] = []
+            for child in self._children:
+                limits, key = child.bound_limits, child.running
+                if key is None or limits is None or child.process is None or not child.alive:
+                    continue
+                if limits.max_task_seconds is not None or limits.max_memory is not None:
+                    watched.append((child, child.process.pid, key, limits))
+            if not watched:
+                return  # _watch starts another with the next capped task
+            usage = await asyncio.to_thread(tree_usage, [pid for _, pid, _, _ in watched])
+            for child, pid, key, limits in watched:
+                if pid not in usage or child.running != key or not child.alive:
+                    continue  # the task ended while we looked
+                cpu, memory = usage[pid]
+                if child.watched is None or child.watched[:2] != (pid, key):
+                    child.watched = (pid, key, cpu)
+                spent = cpu - child.watched[2]
+                seconds = limits.max_task_seconds
+                if seconds is not None and spent > seconds + CPU_GRACE:
+                    log.warning("task %s used %.1f s of CPU; killing child %d", key, spent, pid)
+                    child.kill("cpu_time")
+                elif limits.max_memory is not None and (memory or 0) > limits.max_memory:
+                    log.warning("task %s used %d bytes; killing child %d", key, memory, pid)
+                    child.kill("memory")
+
+
+def _start_order(child: Child) -> int:
+    """Which clean child to take first: a running process, then one starting, then none."""
+    if child._starting is not None and not child._starting.done():
+        return 1
+    return 0 if child.alive else 2
+
+
+def _cap_of(exc: ChildDied, limits: TaskLimits) -> str | None:
+    """The cap a child's death shows was hit, if any."""
+    if exc.reason in ("cpu_time", "memory"):
+        return exc.reason  # the watchdog killed it
+    if exc.returncode == -signal.SIGXCPU:
+        return "cpu_time"  # past its RLIMIT_CPU with the signal's default action
+    if exc.returncode == -signal.SIGXFSZ:
+        return "disk"  # past its RLIMIT_FSIZE, likewise
+    if exc.returncode == -signal.SIGKILL and exc.reason is None and limits.max_memory is not None:
+        return "memory"  # killed, not by the runner: most likely the kernel, out of memory
+    return None
+
+
+def _cap_value(cap: str, limits: TaskLimits) -> float | None:
+    return {
+        "memory": limits.max_memory,
+        "cpu_time": limits.max_task_seconds,
+        "disk": limits.max_disk,
+    }[cap]
 
 
 def default_slots() -> int:
     return os.cpu_count() or 1
-
-
-def child_environment() -> dict[str, str]:
-    """The worker's environment without its credentials: user code never sees a token."""
-    return {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("DCPROTO_") or name == OUTPUT_DIR_ENV
-    }

@@ -3,6 +3,11 @@
 ``dcproto-worker connect HOST[:PORT]|ALIAS [--tasks N] [--slots K]`` runs it; with no arguments
 it opens the interactive menu (see :mod:`dcproto.menu`). A lost connection abandons the tasks in
 hand (the server re-issues them) and reconnects with capped, jittered backoff.
+
+The volunteer stays in control (see :mod:`.control`): the worker can be paused (SIGUSR1, the
+menu's ``pause``, or ``--when-idle`` while the owner uses the machine) and resumed (SIGUSR2,
+``resume``), its tasks' CPU share capped (``--cpu-limit``), and limited to the projects of
+chosen creators (``--trust``). The server learns of it by WorkerState messages.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import socket
 import sys
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import protocol as p
@@ -31,8 +38,12 @@ from ..errors import (
     PermissionDenied,
     UsageError,
 )
-from ..trust.tokens import TOKEN_ENV, read_token_file
-from .runner import Outcome, Runner, default_slots
+from ..logs import FORMATS, configure_logging
+from ..trust.tokens import NAME_RE, TOKEN_ENV, read_token_file
+from . import sandbox as sandbox_module
+from .control import OWNER_ACTIVITY, ProcessControl
+from .runner import Outcome, Runner, TaskLimits, default_slots
+from .sandbox import SANDBOX_MODES, Sandbox, SandboxOptions, SandboxUnavailable
 
 log = logging.getLogger("dcproto.worker")
 
@@ -44,6 +55,8 @@ MAX_OUTBOX = 10_000  # results kept for delivery while disconnected
 # what it actually sends from the round trip and the task time (see docs/protocol.md)
 MAX_PREFETCH_PER_SLOT = p.MAX_PREFETCH_PER_SLOT
 LEASE_RENEWALS = 3  # frames sent per shortest lease held, at least
+USAGE_INTERVAL = 10.0  # seconds between two WorkerState reports of what the tasks use
+VOLUNTEER = "volunteer"  # paused_by for SIGUSR1 and the menu's pause
 
 
 @dataclass(kw_only=True)
@@ -55,6 +68,14 @@ class WorkerConfig:
     prefetch: int | None = None  # tasks held beyond the slots at most; None: as the server sees fit
     max_tasks: int | None = None  # exit after this many finished tasks
     reconnect: bool = True
+    sandbox: str = "auto"  # auto | required | off: see sandbox.py
+    allow_network: bool = False  # a sandboxed task may use the network
+    max_memory: int | None = None  # bytes one slot's task may use
+    max_task_seconds: float | None = None  # CPU seconds one task may use
+    max_disk: int | None = None  # bytes one task may write in its output dir
+    cpu_limit: float | None = None  # percent of the whole machine all the tasks may use
+    when_idle: bool = False  # pause while something else keeps the machine busy
+    trust: list[str] = field(default_factory=list)  # creators' token names; empty: every one
 
 
 def missing_modules(names: list[str]) -> list[str]:
@@ -68,11 +89,52 @@ def missing_modules(names: list[str]) -> list[str]:
     return missing
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMG]?)", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """``300M``, ``1.5G``, ``64K``, ``1000000`` (bytes) -> bytes; K, M, G are powers of 1024.
+    ValueError for anything else, or for less than one byte."""
+    found = _SIZE.fullmatch(text.strip())
+    if found is None or (not found[2] and "." in found[1]):
+        raise ValueError(
+            f"{text!r} is not a size: give a whole number of bytes, or a number with K, M or G "
+            "(e.g. 300M, 1.5G)"
+        )
+    size = int(float(found[1]) * _UNITS[found[2].upper()])
+    if size < 1:
+        raise ValueError(f"{text!r} is less than one byte")
+    return size
+
+
+def probe_sandbox(config: WorkerConfig) -> Sandbox:
+    """What sandbox this machine gives the tasks, for ``config``; SandboxUnavailable when
+    ``--sandbox required`` cannot be met."""
+    options = SandboxOptions(
+        mode=config.sandbox, allow_network=config.allow_network, max_disk=config.max_disk
+    )
+    return sandbox_module.probe(options)
+
+
+def make_runner(slots: int, sandbox: Sandbox, config: WorkerConfig) -> Runner:
+    """The runner for ``slots``, under ``sandbox`` and the volunteer's caps."""
+    runner = Runner(slots, sandbox=sandbox)
+    runner.set_limits(
+        TaskLimits(
+            max_memory=config.max_memory,
+            max_task_seconds=config.max_task_seconds,
+            max_disk=config.max_disk,
+        )
+    )
+    return runner
+
+
 class Worker:
     """One worker process's client. ``await run()`` returns when ``max_tasks`` are done, on
     :meth:`stop`, or raises when the server cannot be joined at all."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, sandbox: Sandbox | None = None) -> None:
         self.config = config
         self.slots = config.slots or default_slots()
         self.prefetch = (
@@ -83,7 +145,16 @@ class Worker:
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
         self.device_id = config.device_id
         self.completed = 0
-        self.runner = Runner(self.slots)
+        self.sandbox = sandbox if sandbox is not None else probe_sandbox(config)
+        log.info("%s", self.sandbox.description)  # e.g. "sandbox: bubblewrap (...)"
+        self.runner = make_runner(self.slots, self.sandbox, config)
+        self.trust = list(config.trust)
+        self._paused_by: list[str] = []  # why the worker is paused, first reason first
+        self.control = ProcessControl(
+            self.runner.child_pids,
+            cpu_limit=config.cpu_limit,
+            when_idle=self._owner_active if config.when_idle else None,
+        )
         self._projects: OrderedDict[str, p.Project] = OrderedDict()
         self._rejected: set[str] = set()
         # keyed by (task_id, attempt): a re-sent task may overlap its abandoned attempt
@@ -103,6 +174,91 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping.set()
+        self.control.release()  # stopped tasks could not give up, nor the worker leave
+
+    # ---- the volunteer's controls --------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._paused_by)
+
+    @property
+    def paused_by(self) -> str | None:
+        return self._paused_by[0] if self._paused_by else None
+
+    def pause(self, reason: str = VOLUNTEER) -> None:
+        """Stop the running tasks where they are (SIGSTOP), hand the unstarted ones back and
+        take no more until :meth:`resume` for every reason given."""
+        if reason in self._paused_by or self._stopping.is_set():
+            return
+        self._paused_by.append(reason)
+        if len(self._paused_by) > 1:
+            log.info("paused (%s) as well", reason)
+            return
+        stopped = self.control.pause()
+        self.runner.paused(True)  # stopped time is not the tasks' time
+        # first: the server then counts what comes back as given back by a paused worker
+        self._send_state()
+        handed = self._hand_back_unstarted()
+        log.info(
+            "paused (%s): %d task processes stopped, %d tasks not started handed back",
+            reason,
+            stopped,
+            handed,
+        )
+
+    def resume(self, reason: str = VOLUNTEER) -> None:
+        """Undo :meth:`pause` for ``reason``; the tasks go on once no reason is left."""
+        if reason not in self._paused_by:
+            return
+        self._paused_by.remove(reason)
+        if self._paused_by:
+            log.info("%s is over; still paused (%s)", reason, self.paused_by)
+            return
+        continued = self.control.resume()
+        self.runner.paused(False)
+        self._send_state()
+        self._top_up()
+        log.info("resumed (%s is over): %d task processes continued", reason, continued)
+
+    def set_trust(self, names: list[str]) -> None:
+        """Run only the projects of these creators (token names); empty: every creator's."""
+        if names != self.trust:
+            self.trust = list(names)
+            self._send_state()
+
+    def _owner_active(self, busy: bool) -> None:
+        if busy:
+            self.pause(OWNER_ACTIVITY)
+        else:
+            self.resume(OWNER_ACTIVITY)
+
+    def _hand_back_unstarted(self) -> int:
+        """Give back every task held but not started: those waiting for a child are answered
+        ``abandoned`` now, those queued in a child when it reaches them."""
+        waiting = 0
+        for task_id, attempt in list(self._tasks):
+            waiting += not self.runner.is_running(task_id, attempt)
+            self._abandon(task_id, started=False)
+        return waiting
+
+    def usage(self) -> dict[str, object]:
+        """What WorkerState.usage says: the tasks' CPU (percent of the whole machine, since
+        the last report) and memory, why the worker is paused, its sandbox and slots."""
+        return {
+            **self.control.usage(),
+            "paused_by": self.paused_by,
+            "sandbox": self.sandbox.description,
+            "slots": self.slots,
+        }
+
+    def _send_state(self) -> None:
+        self._send(p.WorkerState(paused=self.paused, trust=list(self.trust), usage=self.usage()))
+
+    async def _report_usage(self) -> None:
+        while True:
+            await asyncio.sleep(USAGE_INTERVAL)
+            self._send_state()
 
     @property
     def done(self) -> bool:
@@ -111,6 +267,7 @@ class Worker:
     async def run(self) -> None:
         # children start while we connect: joining costs one of the two, not both
         children = asyncio.create_task(self.runner.start())
+        self.control.start()
         try:
             delays = backoff_delays(BACKOFF_START, BACKOFF_CAP)
             while not self._stopping.is_set() and not self.done:
@@ -130,12 +287,14 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
         finally:
+            self.control.release()  # paused tasks must run to give up
             await self._abandon_all()
             if not children.done():
                 children.cancel()
             with contextlib.suppress(BaseException):
                 await children
             await self.runner.close()
+            await self.control.close()
 
     # ---- one connection ------------------------------------------------------------------------
 
@@ -155,8 +314,11 @@ class Worker:
         self._last_received = time.monotonic()
         self._unused_credit = 0
         heartbeat = asyncio.create_task(self._heartbeats(self.heartbeat_interval))
+        reports = asyncio.create_task(self._report_usage())
         stop_wait = asyncio.create_task(self._stopping.wait())
         try:
+            if self.paused or self.trust:  # before any credit: no task it would not take
+                self._send_state()
             # results finished while we were away: the first result for a task wins
             while self._outbox:
                 self._send(self._outbox.popleft())
@@ -186,6 +348,7 @@ class Worker:
         finally:
             stop_wait.cancel()
             heartbeat.cancel()
+            reports.cancel()
             if self._stopping.is_set():
                 await self._abandon_all()  # hand the running tasks back before leaving
             if proto.state is not p.State.CLOSED:
@@ -249,6 +412,8 @@ class Worker:
     def _wanted_credit(self) -> int:
         """Credit to grant now: enough to hold slots + prefetch tasks, never more than it can
         still run under ``max_tasks``. The server sends only what hides the round trip."""
+        if self.paused:
+            return 0  # resume tops it up
         held = len(self._tasks)
         want = self.slots + self.prefetch - held - self._unused_credit
         if self.config.max_tasks is not None:
@@ -280,7 +445,8 @@ class Worker:
             case p.Task():
                 self._unused_credit = max(0, self._unused_credit - 1)
                 project = self._projects.get(message.project_id)
-                if project is None or message.project_id in self._rejected:
+                if project is None or message.project_id in self._rejected or self.paused:
+                    # sent before the server knew we paused: given back unstarted
                     outcome = "abandoned" if project is not None else "load_error"
                     error = None if project else {"message": "Task before its Project"}
                     self._reply(message, Outcome(outcome, error=error))
@@ -446,7 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dcproto-worker {number}")
     sub = parser.add_subparsers(dest="command")
-    connect = sub.add_parser("connect", help="connect to a server and run its tasks")
+    connect = sub.add_parser(
+        "connect",
+        help="connect to a server and run its tasks",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=CONNECT_EPILOG,
+    )
     connect.add_argument(
         "target",
         help=f"HOST[:PORT] (default port: {DEFAULT_PORT}) or the name of a user (named "
@@ -492,16 +663,149 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default: INFO)"
     )
+    connect.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line (ts, level, logger, message, fields)",
+    )
+    control = connect.add_argument_group("the volunteer's limits")
+    control.add_argument(
+        "--sandbox",
+        choices=SANDBOX_MODES,
+        default="auto",
+        help="isolate the tasks: 'auto' where this machine allows it, 'required' refuses to "
+        "start without a sandbox (exit code 2), 'off' never (default: auto)",
+    )
+    control.add_argument(
+        "--allow-network",
+        action="store_true",
+        help="let sandboxed tasks use the network (default: no network in the sandbox)",
+    )
+    control.add_argument(
+        "--max-memory",
+        type=_size_argument,
+        default=None,
+        metavar="SIZE",
+        help="memory one slot's task may use, e.g. 300M or 1.5G (K, M, G: powers of 1024); "
+        "a task over it fails with outcome 'memory' (default: no cap)",
+    )
+    control.add_argument(
+        "--max-task-seconds",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="CPU seconds one task may use; over it, outcome 'cpu_time' (default: no cap)",
+    )
+    control.add_argument(
+        "--max-disk",
+        type=_size_argument,
+        default=None,
+        metavar="SIZE",
+        help="bytes one task may write into its output dir, e.g. 500M; over it, outcome "
+        "'disk' (default: no cap)",
+    )
+    control.add_argument(
+        "--cpu-limit",
+        type=_percent,
+        default=None,
+        metavar="PERCENT",
+        help="share of the whole machine (all CPUs) the tasks may use together, 1 to 100; "
+        "by a cgroup's CPU quota where the worker can make one, else by stopping and "
+        "continuing the tasks in 100 ms periods (default: no limit)",
+    )
+    control.add_argument(
+        "--when-idle",
+        action="store_true",
+        help="pause the tasks while something else uses the machine (over 20%% of a CPU for "
+        "2 s) and resume them once it has been idle for a few seconds (default: always run)",
+    )
+    control.add_argument(
+        "--trust",
+        nargs="+",
+        action="extend",
+        type=_creator_name,
+        default=[],
+        metavar="NAME",
+        help="run only the projects of these creators (their token names); put it after the "
+        "target (default: every creator's projects)",
+    )
     return parser
 
 
-async def run_worker(config: WorkerConfig, alias: str | None = None) -> int:
-    worker = Worker(config)
+CONNECT_EPILOG = """\
+pausing:
+  kill -USR1 PID   pause: the running tasks are stopped where they are (SIGSTOP, nothing is
+                   killed), the tasks not started yet go back to the server, and no new ones
+                   come until resumed
+  kill -USR2 PID   resume
+  (PID: the dcproto-worker process; the menu's 'pause' and 'resume' do the same)
+"""
+
+
+def _size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.removesuffix("%"))
+    except ValueError:
+        value = -1.0
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage from 1 to 100")
+    return value
+
+
+def _creator_name(text: str) -> str:
+    if not NAME_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a token name (letters, digits, '_' and '-', at most 64)"
+        )
+    return text
+
+
+async def run_worker(
+    config: WorkerConfig,
+    alias: str | None = None,
+    *,
+    started: Callable[[Worker], None] | None = None,
+) -> int:
+    """Run a worker until it is done or stopped; the exit code. ``started`` is called with the
+    worker before it connects (the menu wires its commands to it)."""
+    try:
+        sandbox = probe_sandbox(config)
+    except SandboxUnavailable as exc:
+        print(f"dcproto-worker: {exc}", file=sys.stderr)
+        return 2
+    worker = Worker(config, sandbox=sandbox)
     loop = asyncio.get_running_loop()
     import signal
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, worker.stop)
+    handlers: dict[int, Callable[[], None]] = {
+        signal.SIGINT: worker.stop,
+        signal.SIGTERM: worker.stop,
+    }
+    if hasattr(signal, "SIGUSR1"):  # not on Windows
+        handlers[signal.SIGUSR1] = worker.pause
+        handlers[signal.SIGUSR2] = worker.resume
+    for signum, handler in handlers.items():
+        loop.add_signal_handler(signum, handler)
+    if started is not None:
+        started(worker)
     try:
         await worker.run()
     except (AuthenticationFailed, PermissionDenied) as exc:
@@ -511,7 +815,7 @@ async def run_worker(config: WorkerConfig, alias: str | None = None) -> int:
         print(f"dcproto-worker: {exc}", file=sys.stderr)
         return 4
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in handlers:
             loop.remove_signal_handler(signum)
         if alias is not None and worker.device_id and worker.device_id != config.device_id:
             from .. import users
@@ -528,11 +832,12 @@ def main(argv: list[str] | None = None) -> int:
         from .menu import run_menu
 
         return run_menu()
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     if args.tasks is not None and args.tasks < 1:
         print("dcproto-worker: --tasks must be at least 1", file=sys.stderr)
+        return 2
+    if len(set(args.trust)) > p.MAX_TRUSTED:
+        print(f"dcproto-worker: --trust names at most {p.MAX_TRUSTED} creators", file=sys.stderr)
         return 2
     try:
         token = read_token_file(args.token_file) if args.token_file else None
@@ -562,6 +867,14 @@ def main(argv: list[str] | None = None) -> int:
         slots=args.slots,
         prefetch=args.prefetch,
         max_tasks=args.tasks,
+        sandbox=args.sandbox,
+        allow_network=args.allow_network,
+        max_memory=args.max_memory,
+        max_task_seconds=args.max_task_seconds,
+        max_disk=args.max_disk,
+        cpu_limit=args.cpu_limit,
+        when_idle=args.when_idle,
+        trust=list(dict.fromkeys(args.trust)),
     )
     from ..connection import install_uvloop
 
