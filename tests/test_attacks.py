@@ -881,6 +881,9 @@ def _sample_messages() -> dict[type[p.Message], p.Message]:
         p.Attach: p.Attach(ref=1, project_id="pid"),
         p.Release: p.Release(project_id="pid"),
         p.ListProjects: p.ListProjects(ref=1),
+        p.WorkerState: p.WorkerState(paused=False, trust=[], usage={}),
+        p.ListWorkers: p.ListWorkers(ref=1),
+        p.ServerInfo: p.ServerInfo(ref=1),
     }
 
 

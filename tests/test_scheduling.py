@@ -201,7 +201,7 @@ def test_a_task_that_keeps_losing_its_worker_fails_the_project_after_max_reissue
 
     def keep_a_worker() -> None:  # a volunteer that keeps coming back
         while not stop.is_set():
-            worker = one_slot(wait=False)
+            worker = one_slot("--sandbox", "off", wait=False)  # a sandboxed task cannot
             while worker.proc.poll() is None and not stop.is_set():
                 time.sleep(0.05)
 
