@@ -471,7 +471,12 @@ def valid_messages(draw: st.DrawFn, where: str, fuzz: LiveFuzz) -> p.Message:
     else:
         project_id = draw(project_ids)
     if where == "worker":
-        kind = draw(st.sampled_from(["credit", "result", "result", "reject", "heartbeat"]))
+        kind = draw(st.sampled_from(["credit", "result", "result", "reject", "heartbeat", "state"]))
+        if kind == "state":  # pause, resume, trust some creators (or none that exist)
+            trust = st.lists(st.sampled_from(["creator", "admin", "nobody-here"]), max_size=2)
+            return p.WorkerState(
+                paused=draw(st.booleans()), trust=draw(trust), usage=draw(str_maps)
+            )
         if kind == "credit":
             return p.Credit(credit=draw(st.integers(1, 64)))
         if kind == "reject":
@@ -509,6 +514,7 @@ def valid_messages(draw: st.DrawFn, where: str, fuzz: LiveFuzz) -> p.Message:
                 "attach",
                 "release",
                 "list",
+                "workers",
                 "info",
                 "beat",
             ]
@@ -548,11 +554,15 @@ def valid_messages(draw: st.DrawFn, where: str, fuzz: LiveFuzz) -> p.Message:
     if kind == "cancel":
         return p.Cancel(project_id=project_id)
     if kind == "attach":
-        return p.Attach(ref=draw(st.integers(0, 1000)), project_id=project_id)
+        return p.Attach(
+            ref=draw(st.integers(0, 1000)), project_id=project_id, watch=draw(st.booleans())
+        )
     if kind == "release":
         return p.Release(project_id=project_id)
     if kind == "list":
         return p.ListProjects(ref=draw(st.integers(0, 1000)))
+    if kind == "workers":
+        return p.ListWorkers(ref=draw(st.integers(0, 1000)))
     if kind == "info":
         return p.ServerInfo(ref=draw(st.integers(0, 1000)))
     return p.Heartbeat()
