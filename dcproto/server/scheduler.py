@@ -142,6 +142,14 @@ class TooManyItems(TasksRefused):
     code = "too_many_items"
 
 
+def _seconds_within(value: Any, limit: float) -> float | None:
+    """A worker's figure as seconds in 0 .. ``limit`` (what the server saw), else None: not a
+    number, a bool, a NaN or out of range."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= limit:
+        return float(value)
+    return None
+
+
 def _saturating_add(a: int, b: int) -> int:
     """``a + b``, but at most ``protocol.MAX_INT``: it stays storable and encodable."""
     return min(p.MAX_INT, a + b)
@@ -600,10 +608,9 @@ class Scheduler:
         the current attempt, and so how many tasks the worker should hold. The worker's own
         figures are bounded by what the server saw: a lie only changes its own share."""
         round_trip = now - task.sent_at
-        held = result.stats.get("held")
-        service = result.stats.get("service")
-        # numbers only (a bool is an int, a NaN fails both comparisons)
-        if isinstance(held, int | float) and not isinstance(held, bool) and 0 <= held <= round_trip:
+        held = _seconds_within(result.stats.get("held"), round_trip)
+        service = _seconds_within(result.stats.get("service"), round_trip)
+        if held is not None:
             sample = round_trip - held
             previous = worker.rtt
             worker.rtt = (
@@ -611,11 +618,7 @@ class Scheduler:
                 if previous is None or sample < previous
                 else previous + RTT_RISE * (sample - previous)
             )
-        if (
-            isinstance(service, int | float)
-            and not isinstance(service, bool)
-            and 0 <= service <= round_trip
-        ):
+        if service is not None:
             previous = project.task_seconds
             project.task_seconds = (
                 service if previous is None else previous + TASK_TIME_WEIGHT * (service - previous)
