@@ -17,6 +17,7 @@ import re
 import resource
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -220,16 +221,40 @@ def _wrong_login(server: ServerProcess, forged: str, deadline: float) -> _Attemp
         peer.close()
 
 
+def _flood(server: ServerProcess, forged: str) -> list[_Attempt]:
+    """Wrong logins from FLOOD_THREADS threads until at least FLOOD_ATTEMPTS were made *and* two
+    were answered after a delay (so the delay's growth shows however fast this machine is), or
+    until FLOOD_DEADLINE."""
+    deadline = time.monotonic() + FLOOD_DEADLINE
+    attempts: list[_Attempt] = []
+    lock = threading.Lock()
+
+    def enough() -> bool:
+        with lock:
+            delayed = sum(
+                1 for a in attempts if a.stage == "hello" and a.latency >= FIRST_DELAY * 0.8
+            )
+            return len(attempts) >= FLOOD_ATTEMPTS and delayed >= 2
+
+    def attack() -> None:
+        while not enough():
+            attempt = _wrong_login(server, forged, deadline)
+            if attempt is None:
+                return
+            with lock:
+                attempts.append(attempt)
+
+    with concurrent.futures.ThreadPoolExecutor(FLOOD_THREADS) as pool:
+        for future in [pool.submit(attack) for _ in range(FLOOD_THREADS)]:
+            future.result()
+    return attempts
+
+
 def test_wrong_token_flood_is_slowed_down(server: ServerProcess) -> None:
     real = server.add_token("creator", "creator")
     forged = new_token("creator")  # a real name, another secret
     lines_before = len(_log_lines(server))
-    deadline = time.monotonic() + FLOOD_DEADLINE
-    with concurrent.futures.ThreadPoolExecutor(FLOOD_THREADS) as pool:
-        futures = [
-            pool.submit(_wrong_login, server, forged, deadline) for _ in range(FLOOD_ATTEMPTS)
-        ]
-        attempts = [a for a in (f.result() for f in futures) if a is not None]
+    attempts = _flood(server, forged)
     first = min(a.started for a in attempts)
     checked = [a for a in attempts if a.stage == "hello"]
     refused = [a for a in attempts if a.stage == "connect"]
