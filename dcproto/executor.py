@@ -30,11 +30,7 @@ import contextlib
 import functools
 import io
 import itertools
-import os
 import pickle
-import site
-import sys
-import sysconfig
 import threading
 import time
 import traceback
@@ -53,9 +49,9 @@ from .creator.creator import (
     Progress,
     ProjectHandle,
     _ClassPickler,
-    shipped_by_value,
 )
 from .creator.run import FRAME_OVERHEAD, FeedPaused, ProjectRun
+from .creator.shipping import is_local, modules_by_value
 from .errors import DcprotoError, ProjectError, SerializationError
 from .pickling import PLAIN_TYPES
 from .trust.safe import loads_from_worker, safe_loads
@@ -432,46 +428,6 @@ class _ExecutorHandle(ProjectHandle):
 # ---- modules shipped by value ----------------------------------------------------------------
 
 
-@functools.cache
-def _install_roots() -> tuple[str, ...]:
-    """Where installed code lives: the standard library and the site-packages dirs."""
-    paths = sysconfig.get_paths()
-    roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
-    with contextlib.suppress(Exception):
-        roots.update(site.getsitepackages())
-    with contextlib.suppress(Exception):
-        roots.add(site.getusersitepackages())
-    return tuple(os.path.join(os.path.realpath(root), "") for root in roots)
-
-
-_local_modules: dict[str, bool] = {}
-
-
-def _is_local(name: str) -> bool:
-    """Whether module ``name`` is the user's own code (a file outside the standard library and
-    site-packages, not dcproto): its functions and classes then travel by value, since the
-    workers may well not have it. ``__main__`` is pickled by value by cloudpickle anyway."""
-    known = _local_modules.get(name)
-    if known is not None:
-        return known
-    module = sys.modules.get(name)
-    if module is None:
-        return False
-    top = name.partition(".")[0]
-    file = getattr(module, "__file__", None)
-    if (
-        name == "__main__"
-        or top in sys.stdlib_module_names
-        or top == "dcproto"
-        or not isinstance(file, str)
-    ):
-        local = False
-    else:
-        local = not os.path.realpath(file).startswith(_install_roots())
-    _local_modules[name] = local
-    return local
-
-
 def _module_of(obj: Any) -> str | None:
     if isinstance(obj, types.MethodType):
         obj = obj.__func__
@@ -494,18 +450,9 @@ def _local_modules_of(objects: Iterable[Any]) -> set[str]:
             parts.append(type(obj.__self__))
         for part in parts:
             name = _module_of(part)
-            if name is not None and _is_local(name):
+            if name is not None and is_local(name):
                 names.add(name)
     return names
-
-
-@contextlib.contextmanager
-def _by_value(names: Iterable[str], modules: Sequence[str]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for name in sorted(names):
-            marker = type("Marker", (), {"__module__": name})
-            stack.enter_context(shipped_by_value(marker, modules))
-        yield
 
 
 def _pickle_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -673,7 +620,7 @@ class Executor(concurrent.futures.Executor):
             futures.append(future)
             objects = [fn, *args, *kwargs.values(), *also]
             try:
-                with _by_value(_local_modules_of(objects), self._modules):
+                with modules_by_value(_local_modules_of(objects), self._modules):
                     blob = _pickle_call(fn, args, kwargs)
             except Exception as exc:
                 future.set_exception(

@@ -225,6 +225,46 @@ def test_remote_traceback_names_the_users_file_and_line(
     assert "<dynamic-code>" not in ran.stdout
 
 
+HELPER_MODULE = """\
+import math
+
+class Squares:
+    @staticmethod
+    def parallel_func(x):
+        return [x, square(x)]
+
+def square(x):
+    return math.prod([x, x])
+"""
+
+SUBCLASS_SCRIPT = """\
+from dcproto import Distribute
+import shapes
+
+@Distribute(user_name="home", iterator=range(5), task_size=2)
+class Job(shapes.Squares):
+    pass
+
+print(sorted(Job().get_results(60).items()))
+"""
+
+
+def test_a_project_class_based_on_the_users_own_module_travels_with_it(
+    start_worker: Any, user: User, tmp_path: Path
+) -> None:
+    """The worker cannot import ``shapes`` (it lives beside the user's script only): the base
+    class and the function it calls travel by value with the project."""
+    start_worker()
+    (tmp_path / "shapes.py").write_text(HELPER_MODULE)
+    script = tmp_path / "job.py"
+    script.write_text(SUBCLASS_SCRIPT)
+    ran = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=90, check=False
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == str([(x, [x, x * x]) for x in range(5)])
+
+
 # ---- 10: Ctrl-C, and the iterator's own errors ---------------------------------------------------
 
 INTERRUPTED_SCRIPT = """\

@@ -9,9 +9,7 @@ loop, only as fast as the server grants credit. ``await project.results()`` and
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import inspect
 import io
@@ -42,6 +40,7 @@ from ..options import normalize_options
 from .client import background_loop, call
 from .results import ResultsWriter
 from .run import ProjectRun
+from .shipping import shipped_by_value
 
 log = logging.getLogger("dcproto")
 
@@ -221,38 +220,6 @@ class Distribute:
             "__qualname__": cls.__qualname__,
         }
         return type(cls.__name__, (ProjectHandle,), namespace)
-
-
-_by_value_lock = threading.Lock()
-_by_value_users: collections.Counter[str] = collections.Counter()
-
-
-@contextlib.contextmanager
-def shipped_by_value(cls: type, modules: Sequence[str]) -> Iterator[None]:
-    """While active, cloudpickle pickles the module of the project class by value (unless the
-    workers are told to import it), so its classes travel with the project's code, items and
-    values alike. Safe across threads: the module stays registered while anyone needs it."""
-    name = cls.__module__
-    module = sys.modules.get(name)
-    if (
-        module is None
-        or name == "__main__"
-        or name.split(".")[0] in {m.split(".")[0] for m in modules}
-    ):
-        yield
-        return
-    with _by_value_lock:
-        _by_value_users[name] += 1
-        if _by_value_users[name] == 1:
-            cloudpickle.register_pickle_by_value(module)
-    try:
-        yield
-    finally:
-        with _by_value_lock:
-            _by_value_users[name] -= 1
-            if _by_value_users[name] == 0:
-                del _by_value_users[name]
-                cloudpickle.unregister_pickle_by_value(module)
 
 
 _cloudpickle_code_reduce = cloudpickle.Pickler.dispatch_table[types.CodeType]

@@ -42,6 +42,7 @@ from ..pickling import PLAIN_TYPES
 from ..trust.files import check_files
 from ..trust.safe import loads_from_worker, trusted_loads
 from .client import CreatorClient, get_client
+from .shipping import shipped_by_value
 from .stream import ResultStream
 
 if TYPE_CHECKING:
@@ -268,8 +269,6 @@ class ProjectRun:
     # ---- feeding tasks -----------------------------------------------------------------------
 
     async def _feed(self) -> None:
-        from .creator import shipped_by_value  # creator imports this module
-
         try:
             # ProjectHandle.__init__ replaced a callable iterator with the iterable it made
             iterable = cast("Iterable[Any]", self.spec.iterator)
