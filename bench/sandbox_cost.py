@@ -7,6 +7,8 @@ and with ``--sandbox auto`` (bubblewrap where it works), the way users run them:
 * tasks/s: 5,000 one-item tasks of one project (warm children: the per-task cost);
 * new project: a 1-item project right after another project (a clean child per project).
 
+Each repetition starts a new server and worker; the modes take turns; medians are printed.
+
 Ratios within one run compare; machines differ from one session to the next.
 """
 
@@ -36,22 +38,20 @@ def run(items: Any) -> float:
     return time.perf_counter() - began
 
 
-def measure(workdir: Path, mode: str, tasks: int, reps: int) -> dict[str, Any]:
-    path = workdir / mode
-    path.mkdir()
-    cluster = Cluster(path)
+def measure(workdir: Path, mode: str, tasks: int) -> dict[str, float]:
+    workdir.mkdir()
+    cluster = Cluster(workdir)
     try:
         cluster.start()
         began = time.perf_counter()
         cluster.worker("w", extra=("--sandbox", mode), slots=2)
         run([0])
         startup = time.perf_counter() - began
-        new_project = [run([i]) for i in range(reps)]
-        rates = [tasks / run(range(tasks)) for _ in range(reps)]
+        new_project = [run([i]) for i in range(3)]
         return {
             "startup_s": startup,
             "new_project_s": statistics.median(new_project),
-            "tasks_per_s": statistics.median(rates),
+            "tasks_per_s": tasks / run(range(tasks)),
         }
     finally:
         cluster.close()
@@ -62,12 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args(argv)
-    figures: dict[str, Any] = {}
+    runs: dict[str, list[dict[str, float]]] = {"off": [], "auto": []}
     with tempfile.TemporaryDirectory(prefix="dcproto-sandbox-cost-") as tmp:
-        for mode in ("off", "auto"):
-            figures[mode] = measure(Path(tmp), mode, args.tasks, args.reps)
-            print(f"{mode}: {json.dumps(figures[mode])}", flush=True)
-    off, auto = figures["off"], figures["auto"]
+        # the modes take turns, so a change in the machine's load falls on both alike
+        for rep in range(args.reps):
+            for mode in runs:
+                figures = measure(Path(tmp) / f"{mode}-{rep}", mode, args.tasks)
+                runs[mode].append(figures)
+                print(f"{mode}: {json.dumps(figures)}", flush=True)
+    off, auto = (
+        {key: statistics.median(r[key] for r in runs[mode]) for key in runs[mode][0]}
+        for mode in runs
+    )
+    print(f"median of {args.reps}: off {json.dumps(off)}, auto {json.dumps(auto)}")
     print(
         f"auto/off: start-up x{auto['startup_s'] / off['startup_s']:.2f}, new project "
         f"x{auto['new_project_s'] / off['new_project_s']:.2f}, tasks/s "
