@@ -189,7 +189,8 @@ class WorkerState(Message):
     the names of the creators (token names) whose projects it runs; empty for every creator.
     ``usage``: figures for the server's view of the worker (e.g. ``cpu_percent``,
     ``rss_bytes``, ``paused_by``); ignore unknown keys. Sent after Welcome when any differs
-    from the default (not paused, trusting all), and whenever they change."""
+    from the default (not paused, trusting all), whenever they change, and with fresh usage
+    figures a second after Welcome and every 10 s."""
 
     TYPE = 17
     paused: bool

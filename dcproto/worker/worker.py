@@ -56,6 +56,7 @@ MAX_OUTBOX = 10_000  # results kept for delivery while disconnected
 MAX_PREFETCH_PER_SLOT = p.MAX_PREFETCH_PER_SLOT
 LEASE_RENEWALS = 3  # frames sent per shortest lease held, at least
 USAGE_INTERVAL = 10.0  # seconds between two WorkerState reports of what the tasks use
+FIRST_USAGE_REPORT = 1.0  # seconds after joining: soon, but with a CPU share to report
 VOLUNTEER = "volunteer"  # paused_by for SIGUSR1 and the menu's pause
 
 
@@ -256,9 +257,11 @@ class Worker:
         self._send(p.WorkerState(paused=self.paused, trust=list(self.trust), usage=self.usage()))
 
     async def _report_usage(self) -> None:
+        self.control.usage()  # the start of the first report's CPU share
+        await asyncio.sleep(FIRST_USAGE_REPORT)
         while True:
-            await asyncio.sleep(USAGE_INTERVAL)
             self._send_state()
+            await asyncio.sleep(USAGE_INTERVAL)
 
     @property
     def done(self) -> bool:
