@@ -52,6 +52,7 @@ def project(project_id: str) -> p.Project:
         stop=None,
         only_if=None,
         options={"errors": "raise"},
+        owner=project_id,
     )
 
 

@@ -31,7 +31,8 @@ import msgpack
 
 from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION = 4  # 2: creator-chosen ids, INITIAL_CREDIT; 3: tokens, TLS; 4: Recall
+PROTOCOL_VERSION = 5  # 2: creator-chosen ids, INITIAL_CREDIT; 3: tokens, TLS; 4: Recall;
+# 5: Project.owner
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 #: The handshake happens before the peer is authenticated, so it gets a much smaller limit.
@@ -204,7 +205,9 @@ class WorkerState(Message):
 
 @_msg
 class Project(Message):
-    """Server -> worker: a project's code, sent once per worker before its first task."""
+    """Server -> worker: a project's code, sent once per worker before its first task.
+    ``owner``: the token name of the creator that submitted it ("" when unknown); a worker
+    runs the projects of one owner, and only of one, in the same child process."""
 
     TYPE = 11
     project_id: str
@@ -214,6 +217,11 @@ class Project(Message):
     stop: str | None
     only_if: str | None
     options: dict[str, Any]
+    owner: str
+
+    def _validate(self) -> None:
+        if self.owner and not IDENTITY.fullmatch(self.owner):
+            raise ValueError("owner must be empty or a token name")
 
 
 @_msg

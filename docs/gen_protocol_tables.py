@@ -80,6 +80,7 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Project", "stop"): "Name of the stop-condition method, or nil.",
     ("Project", "only_if"): "Name of the keep-this-result filter method, or nil.",
     ("Project", "options"): "Project options, server defaults filled in (string keys).",
+    ("Project", "owner"): "Token name of the creator that submitted it; empty when unknown.",
     ("Reject", "project_id"): "The project the worker cannot run.",
     ("Reject", "reason"): "Why (e.g. the text of an ImportError).",
     ("Task", "task_id"): "Server-assigned id of the task, unique on this server.",
@@ -173,6 +174,7 @@ VALIDATION: dict[str, list[str]] = {
         "letter or digit",
     ],
     "Welcome": ["`heartbeat_interval` is finite and > 0"],
+    "Project": ["`owner` is empty or a token name"],
     "Result": [
         f"`outcome` is one of {_one_of(p.RESULT_OUTCOMES)}",
         "`n_kept` <= `n_items`",

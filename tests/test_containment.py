@@ -23,13 +23,22 @@ import cloudpickle
 import pytest
 
 from dcproto import protocol as p
-from dcproto.worker.runner import SPARES, Outcome, Runner, TaskLimits
+from dcproto.worker.child import MAX_LOADED
+from dcproto.worker.runner import SPARES, Outcome, Runner, TaskLimits, binding
 
 MiB = 1 << 20
 _task_ids = itertools.count(1)
 
 
-def make_project(cls: type, *, project_id: str = "proj", parallel: str = "f", **options: Any):
+def make_project(
+    cls: type,
+    *,
+    project_id: str = "proj",
+    parallel: str = "f",
+    owner: str | None = None,
+    **options: Any,
+):
+    """A project of ``owner`` (by default a creator of its own, named after the project)."""
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     options.setdefault("errors", "raise")
     return p.Project(
@@ -40,6 +49,7 @@ def make_project(cls: type, *, project_id: str = "proj", parallel: str = "f", **
         stop=None,
         only_if=None,
         options=options,
+        owner=f"creator-{project_id}" if owner is None else owner,
     )
 
 
@@ -252,7 +262,9 @@ async def test_a_project_never_sees_another_projects_patches(make_runner: Runner
     honest = make_project(Honest, project_id="b")
     patched = await run(runner, patcher, ["patch"])
     assert values(patched) == ["pwned"]  # A's patches work in A's own child
-    a_pid = next(c.process.pid for c in runner._children if c.bound == "a" and c.process)
+    a_pid = next(
+        c.process.pid for c in runner._children if c.bound == binding(patcher) and c.process
+    )
 
     outcome = await run(runner, honest, [1, 2, 3])
     b_values = values(outcome)
@@ -303,16 +315,49 @@ async def test_two_slots_two_projects_at_once(make_runner: RunnerFactory, tmp_pa
     assert len(runner._children) <= 2 + SPARES
 
 
-async def test_the_child_refuses_a_second_project(make_runner: RunnerFactory) -> None:
-    """Even if the runner asked, a child would not load or run a second project."""
+async def test_the_child_refuses_another_creators_project(make_runner: RunnerFactory) -> None:
+    """Even if the runner asked, a child would not load or run another creator's project."""
     runner = await make_runner(1)
-    await run(runner, make_project(Honest, project_id="a"), [1])
-    [child] = [c for c in runner._children if c.bound == "a"]
+    first = make_project(Honest, project_id="a")
+    await run(runner, first, [1])
+    [child] = [c for c in runner._children if c.bound == binding(first)]
     other = make_project(Honest, project_id="b")
-    child.send(["load", "b", other.code, [], "f", None, None, "raise", False])
-    answer, _ = await child.run((10**9, 1), ["run", 10**9, 1, "b", pickle.dumps([2])])
-    assert answer[2] == "load_error"
-    assert "not loaded in this child" in answer[6]["message"]
+    for bound_to in (binding(other), None):
+        child.send(["load", "b", other.code, [], "f", None, None, "raise", False, bound_to])
+        answer, _ = await child.run((10**9, 1), ["run", 10**9, 1, "b", pickle.dumps([2])])
+        assert answer[2] == "load_error"
+        assert "not loaded in this child" in answer[6]["message"]
+
+
+class Counter:
+    """Counts its calls in class state: what one process keeps between projects shows."""
+
+    calls = 0
+
+    @classmethod
+    def f(cls, x: int) -> list[int]:
+        cls.calls += 1
+        return [os.getpid(), cls.calls]
+
+
+async def test_one_creators_projects_share_a_warm_child(make_runner: RunnerFactory) -> None:
+    runner = await make_runner(1)
+    answers = []
+    for i in range(12):  # more projects than a child keeps loaded
+        project = make_project(Counter, project_id=f"mine{i}", owner="alice")
+        answers.append(values(await run(runner, project, [i]))[0])
+    pids = {pid for pid, _ in answers}
+    assert len(pids) == 1, answers  # one process served every project of alice
+    # the same code is unpickled once: its class, and so its state, carries over
+    assert [calls for _, calls in answers] == list(range(1, 13))
+    [child] = [c for c in runner._children if c.bound == "owner:alice"]
+    assert len(child.loaded) == MAX_LOADED
+
+    bob = values(await run(runner, make_project(Counter, project_id="b", owner="bob"), [0]))
+    assert bob[0][0] not in pids and bob[0][1] == 1  # bob: another process, a fresh class
+    unknown = make_project(Counter, project_id="anon", owner="")
+    anon = values(await run(runner, unknown, [0]))
+    assert anon[0][0] not in pids | {bob[0][0]}  # an unknown owner shares with no one
 
 
 async def test_new_caps_mean_new_processes(make_runner: RunnerFactory) -> None:

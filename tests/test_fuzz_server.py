@@ -130,6 +130,7 @@ def sample_messages() -> list[p.Message]:
             stop=None,
             only_if=None,
             options={"lease_timeout": 30.0},
+            owner="creator",
         ),
         p.Reject(project_id="pid", reason="missing"),
         p.Task(task_id=7, project_id="pid", attempt=1, items=items),

@@ -162,6 +162,7 @@ SAMPLES: dict[type[Message], Message] = {
         stop="done",
         only_if=None,
         options={"lease_timeout": 30.0, "task_timeout": None, "nested": {"a": [1, 2]}},
+        owner="alice",
     ),
     Reject: Reject(project_id="p-1", reason="No module named 'numpy'"),
     Task: Task(task_id=2**40, project_id="p-1", attempt=2, items=b"\x00" * 100),
@@ -531,7 +532,7 @@ def test_some_wrong_types_explicitly() -> None:
         [3, "dev", True, 10],  # bool where float is expected
         [10, 1.0],  # float where int is expected
         [15, [1, False]],  # bool inside list[int]
-        [11, "p", b"", ["ok", 3], "f", None, None, {}],  # int inside list[str]
+        [11, "p", b"", ["ok", 3], "f", None, None, {}, ""],  # int inside list[str]
         [14, 1, 1, "ok", b"", 0, 0, "err", {}, [], 0],  # str where map-or-nil expected
     ]
     for value in cases:

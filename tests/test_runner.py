@@ -56,6 +56,7 @@ def make_project(
         stop=stop,
         only_if=only_if,
         options=options,
+        owner=f"creator-{project_id}",  # a creator per project: each gets its own child
     )
 
 
@@ -104,8 +105,9 @@ async def wait_for_file(path: Path, limit: float = 10.0) -> None:
 
 
 def child_pid(runner: Runner, project_id: str = "proj") -> int:
-    """The pid of the child bound to ``project_id`` (a child serves one project)."""
-    [child] = [c for c in runner._children if c.bound == project_id]
+    """The pid of the child bound to ``project_id``'s creator (of which it is the only
+    project here: see make_project)."""
+    [child] = [c for c in runner._children if c.bound == f"owner:creator-{project_id}"]
     process = child.process
     assert process is not None
     return process.pid
@@ -804,7 +806,7 @@ async def test_project_is_loaded_once_per_child(runner: Runner) -> None:
     # the same function object (and its state) serves the second task: no reload
     assert [value[0] for _, value in pairs(second)] == [2, 3]
     assert pairs(first)[0][1][1] == pairs(second)[0][1][1]
-    [child] = [c for c in runner._children if c.bound == "proj"]
+    [child] = [c for c in runner._children if c.bound == "owner:creator-proj"]
     assert list(child.loaded) == ["proj"]
 
 

@@ -517,6 +517,7 @@ def make_project(**options: Any) -> p.Project:
         stop=None,
         only_if=None,
         options=options,
+        owner="creator",
     )
 
 

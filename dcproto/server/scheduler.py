@@ -695,8 +695,7 @@ class Scheduler:
         """Register a project of ``owner`` (a token name). Its creator came with
         ``INITIAL_CREDIT`` and is granted the rest of its window. Raises ValueError (bad
         options, an id in use)."""
-        project = self._register(creator_id, submit.project_id, submit, now)
-        project.owner = owner
+        project = self._register(creator_id, submit.project_id, submit, now, owner)
         project.credit_outstanding = max(self._window(), p.INITIAL_CREDIT)
         self._actions.append(
             ToCreator(
@@ -717,7 +716,7 @@ class Scheduler:
         return self._flush(now)
 
     def _register(
-        self, creator_id: str | None, project_id: str, submit: p.Submit, now: float
+        self, creator_id: str | None, project_id: str, submit: p.Submit, now: float, owner: str
     ) -> ProjectRecord:
         if project_id in self.projects:
             raise ValueError(f"project {project_id} exists")
@@ -734,8 +733,10 @@ class Scheduler:
             stop=submit.stop,
             only_if=submit.only_if,
             options=options,
+            owner=owner,
         )
         project = ProjectRecord(project_id, creator_id, submit.name, message, options, now)
+        project.owner = owner
         # a worker kills a task at its task_timeout and says so: the grace is for that
         project.task_time_limit = (
             self.max_task_time if timeout is None else timeout + TASK_TIME_GRACE
@@ -855,8 +856,7 @@ class Scheduler:
         attached. ``tasks`` are its unfinished (task_id, seq, items, n_items); ``done`` the
         (tasks, items, kept) counts of its stored results. The tasks have no leaseholders:
         a result a worker computed before the restart is dropped, and the task runs again."""
-        project = self._register(None, project_id, submit, submitted_at)
-        project.owner = owner
+        project = self._register(None, project_id, submit, submitted_at, owner)
         project.tasks_received = tasks_received
         project.items_received = items_received
         project.total_tasks = total_tasks

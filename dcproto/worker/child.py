@@ -6,10 +6,14 @@ and msgpack arrays:
 
 * ``["limits", max_memory, max_task_seconds, max_disk]`` -- no answer; the volunteer's caps
   (None: no cap), sent before the load, so they bind user code from its first line.
-* ``["load", project_id, code, modules, parallel, stop, only_if, errors, trusted]`` -- no
-  answer; a load failure is reported by the next ``run`` of that project as outcome
-  ``load_error``. A child serves one project for its whole life: a second load is ignored, and
-  a run of any other project is answered ``load_error`` without running.
+* ``["load", project_id, code, modules, parallel, stop, only_if, errors, trusted, binding]``
+  -- no answer; a load failure is reported by the next ``run`` of that project as outcome
+  ``load_error``. A child serves one ``binding`` (one creator) for its whole life: a load for
+  another binding is ignored, and a run of a project not loaded is answered ``load_error``
+  without running. It keeps the ``MAX_LOADED`` projects used most recently; loading one more
+  unloads the least recent. The unpickled code is kept by its content hash, so a project
+  whose code is the same as an earlier one's (the same class submitted again) is not
+  unpickled twice.
 * ``["run", task_id, attempt, project_id, items]`` -> ``["done", task_id, outcome, payload,
   n_items, n_kept, error, stats, files]``.
 
@@ -44,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import importlib
 import math
 import os
@@ -54,6 +59,7 @@ import signal
 import sys
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -486,9 +492,29 @@ def _memory(info: ProcInfo) -> int:
     return info.rss
 
 
+MAX_LOADED = 8  # projects a child keeps loaded (the worker's runner mirrors it)
+_classes: OrderedDict[bytes, Any] = OrderedDict()  # sha256 of a project's code -> its class
+
+
+def _unpickled(code: bytes) -> Any:
+    """The project class in ``code``, unpickled once per distinct code."""
+    digest = hashlib.sha256(code).digest()
+    cls = _classes.get(digest)
+    if cls is None:
+        cls = cloudpickle.loads(code)
+        _classes[digest] = cls
+        while len(_classes) > MAX_LOADED:
+            _classes.popitem(last=False)
+    else:
+        _classes.move_to_end(digest)
+    return cls
+
+
 class LoadedProject:
     def __init__(self, command: list[Any]) -> None:
-        _, self.project_id, code, modules, parallel, stop, only_if, self.errors, trusted = command
+        _, self.project_id, code, modules, parallel, stop, only_if, self.errors, trusted = command[
+            :9
+        ]
         # values for a creator that decodes them with the safe decoder are checked here, so
         # that a value it would refuse fails its own item with a clear error
         self.check_values = not trusted
@@ -497,7 +523,7 @@ class LoadedProject:
         try:
             for name in modules:
                 importlib.import_module(name)
-            cls = cloudpickle.loads(code)
+            cls = _unpickled(code)
             self.parallel = getattr(cls, parallel)
             self.stop = getattr(cls, stop) if stop else None
             self.only_if = getattr(cls, only_if) if only_if else None
@@ -731,7 +757,8 @@ def main() -> None:
     os.environ[OUTPUT_DIR_ENV] = str(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_frame(answers, msgpack.packb(["ready"]))  # the first task's clock may start now
-    project: LoadedProject | None = None  # the one project this child serves
+    bound: str | None = None  # whose projects this child serves: the first load's binding
+    projects: OrderedDict[str, LoadedProject] = OrderedDict()  # least recently used first
     while True:
         body = commands.next_body()
         if body is None:
@@ -740,8 +767,14 @@ def main() -> None:
         if command[0] == "limits":
             _set_limits(command)
         elif command[0] == "load":
-            if project is None:  # never a second one: its code would share this process
-                project = LoadedProject(command)
+            binding = command[9] if len(command) > 9 else None
+            if bound is None:
+                bound = binding
+            # never another creator's: its code would share this process with ours
+            if binding == bound and binding is not None and command[1] not in projects:
+                projects[command[1]] = LoadedProject(command)
+                while len(projects) > MAX_LOADED:
+                    projects.popitem(last=False)
                 end_descendants()  # unpickling the code may have started processes too
         elif command[0] == "run":
             _, task_id, attempt, project_id, items = command
@@ -750,11 +783,12 @@ def main() -> None:
             answer: list[Any]
             if _is_abandoned(_current):
                 answer = ["abandoned", b"", 0, 0, None, {}, []]
-            elif project is None or project.project_id != project_id:
+            elif project_id not in projects:
                 message = f"project {project_id!r} is not loaded in this child"
                 answer = ["load_error", b"", 0, 0, {"message": message}, {}, []]
             else:
-                answer = run_task(project, items, output_dir)
+                projects.move_to_end(project_id)
+                answer = run_task(projects[project_id], items, output_dir)
             end_descendants()  # before the answer: once it is in, nothing of the task runs
             _abandoned.pop(_current, None)  # answered: a late name for it is moot
             _current = None

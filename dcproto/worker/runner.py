@@ -1,11 +1,14 @@
 """Runs tasks in reusable child processes, so user code can raise, crash or hang safely.
 
-One project per child process: a child is bound to the first project it is given and only
-ever runs that project's tasks, so no creator's code shares a process (patched builtins,
-modules, state) with another's. At most ``slots`` children run tasks at once. A task goes to
-an idle child of its project; else to a clean child (never loaded), which is then bound; else,
-if the project's tasks are short, it queues in a busy child of its project; else, if a slot is
-free, the idle child used longest ago is replaced by a fresh process for the project. Clean
+One creator per child process: a child is bound to the owner (creator) of the first project it
+is given and only ever runs that owner's projects, so no creator's code shares a process
+(patched builtins, modules, state) with another's. A project whose owner is unknown gets a
+child of its own. A child keeps up to ``MAX_LOADED`` projects loaded (the least recently used
+is unloaded), so a creator's one-item projects in a row reuse a warm process. At most
+``slots`` children run tasks at once. A task goes to an idle child of its owner; else to a
+clean child (never loaded), which is then bound; else, if the project's tasks are short, it
+queues in a busy child of its owner; else, if a slot is free, the idle child used longest ago
+is replaced by a fresh process for the owner. Clean
 children are started ahead of need: when the last clean one is bound, one more ("spare") is
 started in the background, up to ``slots + SPARES`` processes in all, so a new project rarely
 waits for a spawn. A child holds one task at a time, except for short tasks with no time
@@ -59,7 +62,7 @@ from typing import Any
 import msgpack
 
 from .. import protocol as p
-from .child import cap_error, kill_tree, tree_usage
+from .child import MAX_LOADED, cap_error, kill_tree, tree_usage
 from .sandbox import Sandbox, SandboxOptions, launch
 
 log = logging.getLogger("dcproto.runner")
@@ -151,8 +154,8 @@ class Child:
 
     _ids = itertools.count(1)
 
-    # Set by the runner (see Runner._pick): the project this child's process serves, or
-    # will once loaded (None: a clean child), and the caps its process got or will get.
+    # Set by the runner (see Runner._pick): whose projects this child's process serves (see
+    # binding), or will once loaded (None: a clean child), and the caps it got or will get.
     bound: str | None = None
     bound_limits: TaskLimits | None = None
     last_used = 0.0  # when it last finished a task (monotonic): the oldest idle one is replaced
@@ -504,13 +507,14 @@ class Runner:
         seconds = self._task_seconds.get(project.project_id)
         return PIPELINE_DEPTH if seconds is not None and seconds < SHORT_TASK else 1
 
-    def _pick(self, project_id: str, depth: int) -> Child | None:
-        """A child for one more task of ``project_id``, reserved, or None if there is no room
-        (see the module docstring for the order of preference)."""
+    def _pick(self, binding: str, depth: int) -> Child | None:
+        """A child for one more task of a project of ``binding`` (see :func:`binding`),
+        reserved, or None if there is no room (see the module docstring for the order of
+        preference)."""
         children = self._children
         busy = sum(1 for child in children if child.reserved)
         limits = self.limits
-        mine = [c for c in children if c.bound == project_id and c.bound_limits == limits]
+        mine = [c for c in children if c.bound == binding and c.bound_limits == limits]
         chosen: Child | None = None
         if busy < self.slots:
             chosen = next((c for c in mine if not c.reserved), None)
@@ -518,7 +522,7 @@ class Runner:
                 clean = [c for c in children if c.bound is None and not c.reserved]
                 if clean:
                     chosen = min(clean, key=_start_order)
-                    self._bind(chosen, project_id)
+                    self._bind(chosen, binding)
                     self._top_up()
         if chosen is None:
             room = [c for c in mine if 0 < c.reserved < depth]
@@ -529,15 +533,15 @@ class Runner:
                 chosen = self._new_child()
             else:  # the idle child used longest ago makes way: a fresh process takes its place
                 chosen = min((c for c in children if not c.reserved), key=lambda c: c.last_used)
-            self._bind(chosen, project_id)
-            if chosen.loaded:  # its process has run code: another project's, or under other caps
+            self._bind(chosen, binding)
+            if chosen.loaded:  # its process has run code: another creator's, or under other caps
                 chosen.replace()
         if chosen is not None:
             chosen.reserved += 1
         return chosen
 
-    def _bind(self, child: Child, project_id: str) -> None:
-        child.bound = project_id
+    def _bind(self, child: Child, binding: str) -> None:
+        child.bound = binding
         child.bound_limits = self.limits
 
     def _new_child(self) -> Child:
@@ -553,14 +557,14 @@ class Runner:
         ):
             self._new_child().start_soon()
 
-    async def _child_for(self, project_id: str, depth: int) -> Child:
+    async def _child_for(self, bound_to: str, depth: int) -> Child:
         """A child for one more task, reserved. Waiting tasks are served in arrival order,
         one per freed place (waking every waiter at each answer cost more than the task)."""
-        child = None if self._line else self._pick(project_id, depth)
+        child = None if self._line else self._pick(bound_to, depth)
         if child is not None:
             return child
         handed: asyncio.Future[Child] = asyncio.get_running_loop().create_future()
-        entry = (project_id, depth, handed)
+        entry = (bound_to, depth, handed)
         self._line.append(entry)
         try:
             return await handed
@@ -577,11 +581,11 @@ class Runner:
         """Give freed places to the tasks waiting longest."""
         line = self._line
         while line:
-            project_id, depth, handed = line[0]
+            bound_to, depth, handed = line[0]
             if handed.done():  # its task was cancelled
                 line.popleft()
                 continue
-            child = self._pick(project_id, depth)
+            child = self._pick(bound_to, depth)
             if child is None:
                 return
             line.popleft()
@@ -590,7 +594,7 @@ class Runner:
     async def run(self, project: p.Project, task: p.Task) -> Outcome:
         """Run ``task`` in a child. Cancelling this coroutine while it waits for a child is
         safe; once running, abandon it with :meth:`abandon` instead."""
-        child = await self._child_for(project.project_id, self._depth(project))
+        child = await self._child_for(binding(project), self._depth(project))
         key = (task.task_id, task.attempt)
         try:
             await child.ensure_started()
@@ -610,10 +614,13 @@ class Runner:
         return outcome
 
     async def _run_in(self, child: Child, project: p.Project, task: p.Task) -> Outcome:
-        if project.project_id not in child.loaded:
-            if child.loaded or child.bound != project.project_id:  # never: see _pick
-                raise RuntimeError(f"child {child.number} serves another project")
-            child.send((child.bound_limits or NO_LIMITS).command())  # before any user code
+        if project.project_id in child.loaded:
+            child.loaded.move_to_end(project.project_id)  # as the child does at each run
+        else:
+            if child.bound != binding(project):  # never: see _pick
+                raise RuntimeError(f"child {child.number} serves another creator")
+            if not child.loaded:
+                child.send((child.bound_limits or NO_LIMITS).command())  # before any user code
             child.send(
                 [
                     "load",
@@ -625,9 +632,12 @@ class Runner:
                     project.only_if,
                     project.options.get("errors", "raise"),
                     project.options.get("trust_workers", False) is True,
+                    child.bound,
                 ]
             )
             child.loaded[project.project_id] = None
+            while len(child.loaded) > MAX_LOADED:  # the child unloads the same one itself
+                child.loaded.popitem(last=False)
         key = (task.task_id, task.attempt)
         self._running[key] = child
         answer = child.run(key, ["run", task.task_id, task.attempt, task.project_id, task.items])
@@ -751,6 +761,12 @@ class Runner:
                 elif limits.max_memory is not None and (memory or 0) > limits.max_memory:
                     log.warning("task %s used %d bytes; killing child %d", key, memory, pid)
                     child.kill("memory")
+
+
+def binding(project: p.Project) -> str:
+    """What a child is bound to for ``project``: its owner, so that one creator's projects
+    share warm processes; the project itself when the owner is unknown."""
+    return f"owner:{project.owner}" if project.owner else f"project:{project.project_id}"
 
 
 def _start_order(child: Child) -> int:
