@@ -63,8 +63,10 @@ class Identity:
 class Cluster:
     """A server and its 1-slot workers, in ``workdir``; workers may go through a relay."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, profile_dir: Path | None = None) -> None:
         self.workdir = workdir
+        # set: the server and the workers run under cProfile, writing NAME.prof there
+        self.profile_dir = profile_dir
         self.server: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self.creds: Credentials | None = None
@@ -75,7 +77,7 @@ class Cluster:
         log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - closed in close()
         self._logs.append(log)
         self.server = subprocess.Popen(
-            [*console_script("dcproto-server", "dcproto.server.main"), "--port", "0",
+            [*self._command("server", "dcproto-server", "dcproto.server.main"), "--port", "0",
              "--state-dir", str(state), "--log-level", "WARNING"],
             stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
@@ -97,7 +99,7 @@ class Cluster:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed in close()
         self._logs.append(log)
         proc = subprocess.Popen(
-            [*console_script("dcproto-worker", "dcproto.worker.worker"), "connect",
+            [*self._command(name, "dcproto-worker", "dcproto.worker.worker"), "connect",
              f"127.0.0.1:{port or self.creds.port}", *self.creds.worker_args(),
              "--slots", str(slots), "--name", name, "--log-level", "WARNING",
              *(["--tasks", str(tasks)] if tasks else []), *extra],
@@ -105,6 +107,12 @@ class Cluster:
         )  # fmt: skip
         self.workers.append(proc)
         return proc
+
+    def _command(self, name: str, script: str, module: str) -> list[str]:
+        if self.profile_dir is None:
+            return console_script(script, module)
+        out = self.profile_dir / f"{name}.prof"
+        return [sys.executable, "-m", "cProfile", "-o", str(out), "-m", module]
 
     def server_rss_mib(self) -> float:
         assert self.server is not None

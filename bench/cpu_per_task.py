@@ -1,0 +1,108 @@
+"""CPU per task in every process of dcproto's path: ``python -m bench.cpu_per_task``.
+
+A real ``dcproto-server`` (TLS, durable state) and one ``dcproto-worker --slots 2`` (the default
+sandbox), the creator in this process, one project of ``--tasks`` one-item tasks of ``x + 1``,
+submitted as a class defined here with ``Distribute``, in two forms:
+
+* ``plain``: no ``results_path``;
+* ``readme``: ``results_path`` set, as the README shows.
+
+CPU time is read from ``/proc`` (user + system, the process and its reaped children) for the
+server, the worker, the worker's children (every process under the worker) and, for the
+creator, this whole process (``time.process_time``, all its threads). Divided by the tasks, it
+is the figure that survives a change of machine better than a rate: track it from run to run
+in ``docs/benchmarks.md``. Medians of ``--reps`` projects on one warmed server and worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.scheduling import USER, Cluster
+from dcproto import Distribute
+from dcproto.worker.control import process_tree
+
+TICK = 1 / os.sysconf("SC_CLK_TCK")
+PROCESSES = ("server", "worker", "children", "creator")
+
+
+class PlusOne:
+    @staticmethod
+    def parallel_func(x: int) -> int:
+        return x + 1
+
+
+def cpu_seconds(cluster: Cluster) -> dict[str, float]:
+    assert cluster.server is not None
+    [worker] = cluster.workers
+    server = sum(s.ticks for s in process_tree([cluster.server.pid]).values())
+    tree = process_tree([worker.pid])
+    own = tree[worker.pid].ticks if worker.pid in tree else 0
+    below = sum(s.ticks for pid, s in tree.items() if pid != worker.pid)
+    return {
+        "server": server * TICK,
+        "worker": own * TICK,
+        "children": below * TICK,
+        "creator": time.process_time(),
+    }
+
+
+def one_project(cluster: Cluster, tasks: int, results_path: Path | None) -> dict[str, float]:
+    cls = Distribute(
+        user_name=USER,
+        iterator=range(tasks),
+        task_size=1,
+        results_path=str(results_path) if results_path else None,
+        progress=False,
+    )(type("PlusOne", (PlusOne,), {}))
+    before = cpu_seconds(cluster)
+    began = time.perf_counter()
+    results = cls().get_results(timeout=600)
+    wall = time.perf_counter() - began
+    after = cpu_seconds(cluster)
+    assert results == {x: x + 1 for x in range(tasks)}
+    figures = {name: (after[name] - before[name]) * 1e6 / tasks for name in PROCESSES}
+    figures["total"] = sum(figures[name] for name in PROCESSES)
+    figures["tasks_per_s"] = tasks / wall
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_per_task", description=__doc__)
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args(argv)
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="dcproto-cpu-") as tmp:
+        cluster = Cluster(Path(tmp))
+        try:
+            cluster.start()
+            cluster.worker("w", slots=2)
+            one_project(cluster, 500, None)  # warm: children, connections, caches
+            for form in ("plain", "readme"):
+                runs = []
+                for rep in range(args.reps):
+                    path = Path(tmp) / f"results-{form}-{rep}" if form == "readme" else None
+                    runs.append(one_project(cluster, args.tasks, path))
+                report[form] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        finally:
+            cluster.close()
+    print(f"{args.tasks:,} one-item tasks, medians of {args.reps}; µs of CPU per task")
+    print(f"{'form':8} " + " ".join(f"{name:>9}" for name in (*PROCESSES, "total")) + "   tasks/s")
+    for form, figures in report.items():
+        cells = " ".join(f"{figures[name]:9.0f}" for name in (*PROCESSES, "total"))
+        print(f"{form:8} {cells}   {figures['tasks_per_s']:7,.0f}")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
