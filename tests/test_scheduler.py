@@ -2097,6 +2097,7 @@ class Sim:
                 started = s.tasks[task_id].run_deadline is not None
                 assert started == (task_id not in worker.waiting)
             assert worker.waiting.keys() <= worker.leased
+            assert worker.started == worker.leased - worker.waiting.keys()
             running = len(worker.leased) - len(worker.waiting)
             assert running <= worker.slots
             assert running == worker.slots or not worker.waiting

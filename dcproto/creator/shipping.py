@@ -69,6 +69,10 @@ def local_bases(cls: type) -> set[str]:
 
 _by_value_lock = threading.Lock()
 _by_value_users: collections.Counter[str] = collections.Counter()
+# (class, modules) -> the modules to register while its project's pickles are made; a project
+# pickles its items once per task, so this is looked up far more often than it changes
+_shipped: dict[tuple[type, tuple[str, ...]], tuple[str, ...]] = {}
+MAX_SHIPPED = 256
 
 
 @contextlib.contextmanager
@@ -76,7 +80,17 @@ def shipped_by_value(cls: type, modules: Sequence[str]) -> Iterator[None]:
     """While active, cloudpickle pickles the modules of the project class and of its user-defined
     bases by value (unless the workers are told to import them), so their classes travel with
     the project's code, items and values alike."""
-    with modules_by_value(local_bases(cls), modules):
+    key = (cls, tuple(modules))
+    names = _shipped.get(key)
+    if names is None:
+        names = _to_register(local_bases(cls), modules)
+        if len(_shipped) >= MAX_SHIPPED:
+            _shipped.clear()
+        _shipped[key] = names
+    if not names:  # e.g. a class of __main__, which cloudpickle ships by value anyway
+        yield
+        return
+    with _registered(names):
         yield
 
 
@@ -84,32 +98,39 @@ def shipped_by_value(cls: type, modules: Sequence[str]) -> Iterator[None]:
 def modules_by_value(names: Iterable[str], modules: Sequence[str]) -> Iterator[None]:
     """While active, the modules ``names`` are pickled by value (``__main__`` already is; those
     the workers are told to import in ``modules`` are not)."""
-    with contextlib.ExitStack() as stack:
-        for name in sorted(set(names)):
-            stack.enter_context(_module_by_value(name, modules))
+    with _registered(_to_register(names, modules)):
         yield
+
+
+def _to_register(names: Iterable[str], modules: Sequence[str]) -> tuple[str, ...]:
+    """Those of ``names`` that must be registered: loaded, not ``__main__``, and not of a
+    package the workers import themselves."""
+    installed = {m.split(".")[0] for m in modules}
+    return tuple(
+        sorted(
+            name
+            for name in set(names)
+            if name != "__main__" and name in sys.modules and name.split(".")[0] not in installed
+        )
+    )
 
 
 @contextlib.contextmanager
-def _module_by_value(name: str, modules: Sequence[str]) -> Iterator[None]:
-    """Safe across threads: the module stays registered while anyone needs it."""
-    module = sys.modules.get(name)
-    if (
-        module is None
-        or name == "__main__"
-        or name.split(".")[0] in {m.split(".")[0] for m in modules}
-    ):
-        yield
-        return
+def _registered(names: tuple[str, ...]) -> Iterator[None]:
+    """Safe across threads: a module stays registered while anyone needs it."""
     with _by_value_lock:
-        _by_value_users[name] += 1
-        if _by_value_users[name] == 1:
-            cloudpickle.register_pickle_by_value(module)
+        for name in names:
+            _by_value_users[name] += 1
+            if _by_value_users[name] == 1:
+                cloudpickle.register_pickle_by_value(sys.modules[name])
     try:
         yield
     finally:
         with _by_value_lock:
-            _by_value_users[name] -= 1
-            if _by_value_users[name] == 0:
-                del _by_value_users[name]
-                cloudpickle.unregister_pickle_by_value(module)
+            for name in names:
+                _by_value_users[name] -= 1
+                if _by_value_users[name] == 0:
+                    del _by_value_users[name]
+                    module = sys.modules.get(name)
+                    if module is not None:
+                        cloudpickle.unregister_pickle_by_value(module)

@@ -306,6 +306,7 @@ class WorkerRecord:
     waiting: dict[int, float | None] = field(default_factory=dict)
     waiting_work: float = 0.0  # the sum of the known expected seconds in ``waiting``
     waiting_unknown: int = 0  # tasks in ``waiting`` of unknown length
+    started: set[int] = field(default_factory=set)  # leased tasks not waiting (<= slots)
     loaded: set[str] = field(default_factory=set)
     suspect: bool = False  # a lease expired: no new tasks until the worker shows life
     overdue: bool = False  # held a task too long: no new tasks until it answers one
@@ -449,6 +450,7 @@ class Scheduler:
             self._requeue(task, reissue="its worker disconnected")
         worker.leased.clear()
         worker.waiting.clear()
+        worker.started.clear()
         for project in list(self.projects.values()):
             self._check_runnable(project, now)
         return self._flush(now)
@@ -641,13 +643,12 @@ class Scheduler:
             return False
         now = self._now
         work = worker.waiting_work
-        for task_id in worker.leased:
-            if task_id not in worker.waiting:
-                task = self.tasks[task_id]
-                running = self.projects[task.project_id].task_seconds
-                if running is None:
-                    return False  # it may run for hours: nothing is held ahead of it
-                work += max(0.0, task.started_at + running - now)
+        for task_id in worker.started:
+            task = self.tasks[task_id]
+            running = self.projects[task.project_id].task_seconds
+            if running is None:
+                return False  # it may run for hours: nothing is held ahead of it
+            work += max(0.0, task.started_at + running - now)
         threshold = worker.slots * PREFETCH_MARGIN * worker.rtt
         due = now + (work - threshold) / worker.slots
         if due <= now + 1e-6:
@@ -978,6 +979,7 @@ class Scheduler:
         """``task_id`` leaves ``worker``: if it was running, a waiting task starts in its slot
         (at the end of this event, see ``_flush``)."""
         worker.leased.discard(task_id)
+        worker.started.discard(task_id)
         if task_id in worker.waiting:
             self._leave_waiting(worker, task_id)
         task = self.tasks.get(task_id)
@@ -1011,6 +1013,7 @@ class Scheduler:
         while worker.waiting and len(worker.leased) - len(worker.waiting) < worker.slots:
             task_id = next(iter(worker.waiting))
             self._leave_waiting(worker, task_id)
+            worker.started.add(task_id)
             task = self.tasks[task_id]
             task.run_deadline = now + self.projects[task.project_id].task_time_limit
             task.started_at = now

@@ -181,6 +181,9 @@ class Child:
         self._reader: asyncio.Task[None] | None = None
         self._starting: asyncio.Future[None] | None = None
         self.generation = 0
+        # frames for the child not written yet: everything sent in one loop turn goes in one
+        # write, so the child is woken once for several commands
+        self._unsent: list[bytes] = []
         self.output_dir: Path | None = None  # the child's $DCPROTO_OUTPUT_DIR
 
     @property
@@ -274,6 +277,7 @@ class Child:
         finally:
             os.close(read_end)
         self._abandon_fd = write_end
+        self._unsent = []  # what was meant for an earlier process is not for this one
         self.loaded.clear()
         # a queue per process: whatever was sent to a process that died is failed by that
         # process's reader, even once a task has started the next process
@@ -347,7 +351,16 @@ class Child:
     def send(self, command: list[Any]) -> None:
         assert self.process is not None and self.process.stdin is not None
         body = msgpack.packb(command, use_bin_type=True)
-        self.process.stdin.write(p.HEADER.pack(len(body)) + body)
+        if not self._unsent:
+            self._unsent = []  # a list of its own for each write (and each process)
+            asyncio.get_running_loop().call_soon(self._write_unsent, self.process, self._unsent)
+        self._unsent += (p.HEADER.pack(len(body)), body)
+
+    def _write_unsent(self, process: asyncio.subprocess.Process, frames: list[bytes]) -> None:
+        if frames is self._unsent:
+            self._unsent = []
+        if process is self.process and process.stdin is not None and self.alive:
+            process.stdin.writelines(frames)
 
     def signal(self, signum: int) -> None:
         if self.alive:
