@@ -79,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_per_task", description=__doc__)
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--sandbox", default="auto", choices=("auto", "off"))
     args = parser.parse_args(argv)
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="dcproto-cpu-") as tmp:
         cluster = Cluster(Path(tmp))
         try:
             cluster.start()
-            cluster.worker("w", slots=2)
+            cluster.worker("w", slots=2, extra=("--sandbox", args.sandbox))
             one_project(cluster, 500, None)  # warm: children, connections, caches
             for form in ("plain", "readme"):
                 runs = []
@@ -95,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 report[form] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         finally:
             cluster.close()
-    print(f"{args.tasks:,} one-item tasks, medians of {args.reps}; µs of CPU per task")
+    print(
+        f"{args.tasks:,} one-item tasks, medians of {args.reps}, --sandbox {args.sandbox}; "
+        "µs of CPU per task"
+    )
     print(f"{'form':8} " + " ".join(f"{name:>9}" for name in (*PROCESSES, "total")) + "   tasks/s")
     for form, figures in report.items():
         cells = " ".join(f"{figures[name]:9.0f}" for name in (*PROCESSES, "total"))

@@ -259,6 +259,17 @@ class DcprotoSystem(System):
     def single(self, fn: Callable[[Any], Any], x: Any) -> Any:
         return self._run([x], 1, fn)[x]
 
+    def single_as_written(self, x: int) -> Any:
+        results_dir = self.workdir / "as-written" / str(x)
+
+        @Distribute(user_name=self.user, iterator=[x], results_path=str(results_dir))
+        class PlusOne:
+            @staticmethod
+            def parallel_func(item: int) -> int:
+                return item + 1
+
+        return PlusOne().get_results(timeout=self.timeout)[x]
+
     def early_stop(
         self, fn: Callable[[Any], Any], items: Iterable[Any], task_size: int
     ) -> tuple[Any, float]:

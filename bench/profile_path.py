@@ -3,7 +3,8 @@
 The same set-up as :mod:`bench.cpu_per_task` (a TLS server, one 2-slot worker with the default
 sandbox, a project class with ``results_path`` submitted from this process), with the server
 and the worker under cProfile, and this process's calling thread and its client event loop
-thread profiled while one project of ``--tasks`` one-item tasks runs. Prints each process's
+thread profiled while one project of ``--tasks`` one-item tasks runs (or, with
+``--one-item-projects N``, while N one-item projects run one after the other). Prints each process's
 top functions by own time (``--top``), and keeps the ``.prof`` files with ``--keep DIR``
 (``python -m pstats FILE`` reads them). The worker's children are not profiled: their share is
 in :mod:`bench.cpu_per_task`.
@@ -63,6 +64,13 @@ def report(title: str, stats: pstats.Stats, top: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_path", description=__doc__)
     parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument(
+        "--one-item-projects",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile N one-item projects in a row (the round trip) instead of one big one",
+    )
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--keep", type=Path, help="a directory to keep the .prof files in")
     args = parser.parse_args(argv)
@@ -77,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             project(500, Path(tmp) / "warm")
             on_loop("enable", loop)
             caller.enable()
-            project(args.tasks, Path(tmp) / "results")
+            if args.one_item_projects:
+                for n in range(args.one_item_projects):
+                    project(1, Path(tmp) / f"results-{n}")
+            else:
+                project(args.tasks, Path(tmp) / "results")
             caller.disable()
             on_loop("disable", loop)
         finally:

@@ -112,6 +112,13 @@ def rows(context: dict[str, Any]) -> list[Row]:
         ),
         Row("latency", "… p99 round trip (ms)", LOWER, get("latency", "p99_ms"), _num(2)),
         Row(
+            "latency",
+            "… median, as users write it (dcproto: a class in the script, `results_path` set)",
+            LOWER,
+            get("latency", "as_written_median_ms"),
+            _num(2),
+        ),
+        Row(
             "payload",
             f"{s['payload']} {X} 100 KiB results: MB/s",
             HIGHER,
