@@ -28,11 +28,11 @@ from dcproto import Distribute
 from dcproto.creator.client import background_loop
 
 
-def project(tasks: int, results_path: Path) -> None:
+def project(tasks: int, results_path: Path, task_size: int = 1) -> None:
     cls = Distribute(
         user_name=USER,
-        iterator=range(tasks),
-        task_size=1,
+        iterator=range(tasks * task_size),
+        task_size=task_size,
         results_path=str(results_path),
         progress=False,
     )(type("PlusOne", (PlusOne,), {}))
@@ -64,6 +64,7 @@ def report(title: str, stats: pstats.Stats, top: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_path", description=__doc__)
     parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--task-size", type=int, default=1, help="items per task")
     parser.add_argument(
         "--one-item-projects",
         type=int,
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 for n in range(args.one_item_projects):
                     project(1, Path(tmp) / f"results-{n}")
             else:
-                project(args.tasks, Path(tmp) / "results")
+                project(args.tasks, Path(tmp) / "results", args.task_size)
             caller.disable()
             on_loop("disable", loop)
         finally:

@@ -630,3 +630,32 @@ def test_long_names_are_shown_truncated() -> None:
 def test_module_exports() -> None:
     assert set(safe.__all__) >= {"safe_loads", "trusted_loads", "loads_from_worker"}
     assert set(files.__all__) >= {"check_files", "check_file_name"}
+
+
+class _Run:
+    trusted = False
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{-1: "a"}, {3: "a"}, {True: "a"}, {0: "a", 1.0: "b"}, {"0": "a"}, {0: "a", 2**70: "b"}],
+    ids=["negative", "past-the-end", "bool", "float", "str", "huge"],
+)
+def test_a_result_naming_an_item_outside_its_task_is_refused(payload: dict[Any, Any]) -> None:
+    from dcproto.creator.run import ProjectRun
+
+    items = pickle.dumps(["x", "y", "z"])
+    with pytest.raises(ValueError, match="not in the task"):
+        ProjectRun._decode_indexed(_Run(), items, pickle.dumps(payload), "a task")  # type: ignore[arg-type]
+
+
+def test_the_fast_path_maps_every_index_to_its_item() -> None:
+    from dcproto.creator.run import ProjectRun
+
+    items = pickle.dumps(["a", "b", "a", "c"])  # an item twice: the later value wins, as before
+    payload = pickle.dumps({0: 1, 1: 2, 2: 3, 3: 4})
+    results, indexes = ProjectRun._decode_indexed(_Run(), items, payload, "a task")  # type: ignore[arg-type]
+    assert results == {"a": 3, "b": 2, "c": 4} and indexes == [0, 1, 2, 3]
+    sparse = pickle.dumps({3: "kept", 1: "too"})
+    results, indexes = ProjectRun._decode_indexed(_Run(), items, sparse, "a task")  # type: ignore[arg-type]
+    assert results == {"c": "kept", "b": "too"} and indexes == [3, 1]

@@ -130,7 +130,7 @@ class ResultsWriter:
             tmp.write_bytes(cloudpickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL))
             os.replace(tmp, self.path / RESULTS_PICKLE)
         try:
-            text = json.dumps([[item, value] for item, value in results.items()])
+            text = json.dumps(list(results.items()))  # pairs as arrays, built in C
         except (TypeError, ValueError):
             (self.path / "results.json").unlink(missing_ok=True)
             return

@@ -557,12 +557,21 @@ class ProjectRun:
         values = loads_from_worker(payload, trusted=self.trusted, what=what)
         if not isinstance(values, dict):
             raise ValueError(f"the payload is a {type(values).__name__}, not a dict")
+        indexes = list(values)
+        if (  # every index an int in the task: checked and mapped at C speed
+            indexes
+            and set(map(type, indexes)) == {int}
+            and min(indexes) >= 0
+            and max(indexes) < len(items)
+        ):
+            kept = map(items.__getitem__, indexes)
+            return dict(zip(kept, values.values(), strict=True)), indexes
         results: dict[Any, Any] = {}
         for index, value in values.items():
             if type(index) is not int or not 0 <= index < len(items):
                 raise ValueError(f"the payload names item {index!r:.50}, not in the task")
             results[items[index]] = value
-        return results, list(values)
+        return results, indexes
 
     def _finished(self, message: p.Finished) -> None:
         stats = dict(message.stats)

@@ -579,11 +579,18 @@ _LEAF_TYPES = frozenset(
 )
 
 
+def _only_leaves(values: Iterable[Any]) -> bool:
+    """Whether no value is a container (the check runs at C speed)."""
+    return _LEAF_TYPES.issuperset(map(type, values))
+
+
 def _check_depth(value: object, numpy: _Numpy | None) -> None:
     """Raise if containers nest more than MAX_DECODED_DEPTH deep; also refuse stand-ins found
     as values. Depth is the longest chain of containers, each shared container walked once.
     Cycles are legal (pickle makes them): a chain stops where it would repeat a container, and
     a container's depth is measured from where the walk first met it."""
+    if type(value) is dict and _only_leaves(value) and _only_leaves(value.values()):
+        return  # the usual payload, {index: plain value}: no walk needed
     root_children = _children(value, numpy)
     if root_children is None:
         return
