@@ -507,15 +507,21 @@ def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return directory
 
 
-@pytest.fixture
-def user(server: ServerProcess, config_dir: Path) -> User:
-    """The user (named server) "home" for ``server``."""
-    home = User(
-        name="home",
+def add_creator_user(server: ServerProcess, name: str, token_name: str | None = None) -> User:
+    """A user (named server) ``name`` for ``server``, with a new creator token (named
+    ``token_name``, by default ``name``), saved in the config dir."""
+    added = User(
+        name=name,
         host="127.0.0.1",
         port=server.port,
-        token=server.add_token("creator", "creator"),
+        token=server.add_token(token_name or name, "creator"),
         fingerprint=server.fingerprint,
     )
-    add_user(home)
-    return home
+    add_user(added)
+    return added
+
+
+@pytest.fixture
+def user(server: ServerProcess, config_dir: Path) -> User:
+    """The user (named server) "home" for ``server``, with the creator token "creator"."""
+    return add_creator_user(server, "home", "creator")

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, WorkerProcess, wait_for
+from conftest import ServerProcess, WorkerProcess, add_creator_user, wait_for
 
 from dcproto import Distribute, TaskFailed
-from dcproto.users import User, add_user
+from dcproto.users import User
 from dcproto.worker import control
 from dcproto.worker.sandbox import SandboxOptions, SandboxUnavailable, probe
 
@@ -247,14 +247,7 @@ class Victim:
 def test_creator_as_implant_never_reaches_creator_bs_project_on_the_same_worker(
     volunteer: WorkerProcess, server: ServerProcess
 ) -> None:
-    bob = User(
-        name="bob",
-        host="127.0.0.1",
-        port=server.port,
-        token=server.add_token("bob", "creator"),
-        fingerprint=server.fingerprint,
-    )
-    add_user(bob)
+    add_creator_user(server, "bob")
     implant = submit(Implant, [1, 2, 3])
     with pytest.raises(TaskFailed, match="cannot be sent"):  # A broke its own process...
         implant.get_results(timeout=TIMEOUT)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, WorkerProcess, wait_for
+from conftest import ServerProcess, WorkerProcess, add_creator_user, wait_for
 
 from dcproto import Distribute
 from dcproto.connection import Endpoint
@@ -105,14 +105,7 @@ def load() -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
 def test_a_worker_trusting_bob_runs_bobs_projects_and_no_one_elses(
     server: ServerProcess, user: User, start_worker: Callable[..., WorkerProcess]
 ) -> None:
-    bob = User(
-        name="bob",
-        host="127.0.0.1",
-        port=server.port,
-        token=server.add_token("bob", "creator"),
-        fingerprint=server.fingerprint,
-    )
-    add_user(bob)
+    add_creator_user(server, "bob")
     worker = start_worker("--trust", "bob")
     wait_for(lambda: "for 1 trusted creators" in server.log(), TIMEOUT, "the worker's WorkerState")
 
