@@ -312,6 +312,46 @@ def test_config_dir_is_hidden_outside_the_hidden_roots(
         shutil.rmtree(config, ignore_errors=True)
 
 
+def test_code_deep_in_a_hidden_root_is_reachable_by_the_dropped_child(
+    bwrap_sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, base: Path
+) -> None:
+    """A venv or a source checkout two levels under /tmp (or /home) is mounted back into the
+    sandbox; the dirs above it must be walkable by nobody, not made 0700 root by bubblewrap
+    (which had the worker of a checkout under /tmp fall back to no sandbox at all)."""
+    deep = Path(tempfile.mkdtemp(prefix="dcproto-deep-")) / "a" / "site"
+    try:
+        deep.mkdir(parents=True)
+        deep.chmod(0o755)
+        (deep / "deep_module.py").write_text("WHERE = 'deep'\n")
+        (deep / "deep_module.py").chmod(0o644)
+        interpreter_paths = sandbox_module._interpreter_paths
+        monkeypatch.setattr(
+            sandbox_module, "_interpreter_paths", lambda: [*interpreter_paths(), str(deep)]
+        )
+        code = f"import sys; sys.path.insert(0, {str(deep)!r}); "
+        code += "from deep_module import WHERE; print(WHERE)"
+        start = launch(
+            bwrap_sandbox,
+            child_dir=base / "home",
+            output_dir=base / "out",
+            argv=[sys.executable, "-c", code],
+        )
+        done = subprocess.run(
+            start.argv,
+            env=start.env,
+            cwd=start.cwd,
+            preexec_fn=start.preexec_fn,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "deep"
+    finally:
+        shutil.rmtree(deep.parent.parent, ignore_errors=True)
+
+
 def test_sandboxed_child_writes_only_its_own_dirs(bwrap_sandbox: Sandbox, base: Path) -> None:
     outside = base / "outside"
     outside.mkdir(mode=0o777)

@@ -38,6 +38,12 @@ def bwrap_works() -> bool:
 needs_bwrap = pytest.mark.skipif(not bwrap_works(), reason="bubblewrap cannot run here")
 
 
+def assert_sandboxed(worker: WorkerProcess) -> None:
+    """Where bubblewrap works for this process, the worker must have it too (a worker whose
+    code lies under a hidden root once fell back to no sandbox)."""
+    assert "sandbox: bubblewrap" in worker.log(), worker.log()
+
+
 SECRET = "s3cret-of-the-volunteer"
 
 
@@ -95,6 +101,7 @@ class Snoop:
 def test_a_task_sees_no_credential_and_cannot_read_the_workers_config(
     volunteer: WorkerProcess, server: ServerProcess, config_dir: Path
 ) -> None:
+    assert_sandboxed(volunteer)
     secret_files = [str(server.token_file()), str(config_dir / "users.toml")]
     assert all(os.path.exists(path) for path in secret_files)
 
@@ -276,6 +283,7 @@ class Dialer:
 def test_a_task_cannot_open_a_connection_without_allow_network(
     volunteer: WorkerProcess, server: ServerProcess
 ) -> None:
+    assert_sandboxed(volunteer)
     # the server's own port is certainly listening on this machine's loopback
     result = submit(Dialer, [server.port]).get_results(timeout=TIMEOUT)[server.port]
     assert result.startswith("refused"), result

@@ -347,7 +347,7 @@ def _mount_args(sandbox: Sandbox, child_dir: Path, output_dir: Path) -> list[str
 
     def make_parents(path: str) -> None:
         # bwrap would make them 0700 root, which nobody cannot walk through
-        if _under_any(path, rebound):
+        if _under_any(str(Path(path).parent), rebound):
             return  # they are there, from the host
         for root in hidden:
             if _under_any(path, [root]):
