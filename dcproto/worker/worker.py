@@ -147,7 +147,10 @@ class Worker:
         self.device_id = config.device_id
         self.completed = 0
         self.sandbox = sandbox if sandbox is not None else probe_sandbox(config)
-        log.info("%s", self.sandbox.description)  # e.g. "sandbox: bubblewrap (...)"
+        # e.g. "sandbox: bubblewrap (...)"; a warning when auto found none: tasks then run
+        # with the worker account's rights
+        contained = self.sandbox.bwrap is not None or self.sandbox.options.mode == "off"
+        (log.info if contained else log.warning)("%s", self.sandbox.description)
         self.runner = make_runner(self.slots, self.sandbox, config)
         self.trust = list(config.trust)
         self._paused_by: list[str] = []  # why the worker is paused, first reason first
