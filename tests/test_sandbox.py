@@ -328,26 +328,9 @@ def test_code_deep_in_a_hidden_root_is_reachable_by_the_dropped_child(
         monkeypatch.setattr(
             sandbox_module, "_interpreter_paths", lambda: [*interpreter_paths(), str(deep)]
         )
-        code = f"import sys; sys.path.insert(0, {str(deep)!r}); "
-        code += "from deep_module import WHERE; print(WHERE)"
-        start = launch(
-            bwrap_sandbox,
-            child_dir=base / "home",
-            output_dir=base / "out",
-            argv=[sys.executable, "-c", code],
-        )
-        done = subprocess.run(
-            start.argv,
-            env=start.env,
-            cwd=start.cwd,
-            preexec_fn=start.preexec_fn,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == "deep"
+        code = f"import json, sys; sys.path.insert(0, {str(deep)!r}); "
+        code += "from deep_module import WHERE; print(json.dumps(WHERE))"
+        assert run_child(bwrap_sandbox, base, code) == "deep"
     finally:
         shutil.rmtree(deep.parent.parent, ignore_errors=True)
 
