@@ -15,6 +15,7 @@ import contextlib
 import functools
 import itertools
 import os
+import pickle
 import queue
 import select
 import signal
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+import cloudpickle
 import pytest
 
 from dcproto import protocol as p
@@ -525,3 +527,47 @@ def add_creator_user(server: ServerProcess, name: str, token_name: str | None = 
 def user(server: ServerProcess, config_dir: Path) -> User:
     """The user (named server) "home" for ``server``, with the creator token "creator"."""
     return add_creator_user(server, "home", "creator")
+
+
+# ---- messages for a runner, without a server ----------------------------------------------------
+
+_task_ids = itertools.count(1)
+
+
+def project_message(
+    cls: type,
+    *,
+    project_id: str = "proj",
+    parallel: str = "f",
+    stop: str | None = None,
+    only_if: str | None = None,
+    modules: list[str] | None = None,
+    code: bytes | None = None,
+    owner: str | None = None,
+    **options: Any,
+) -> p.Project:
+    """The Project a worker's runner gets for ``cls`` (shipped by value with its module: a
+    child cannot import a test module). ``owner``: by default a creator of its own, named
+    after the project, so that each project gets a child of its own."""
+    cloudpickle.register_pickle_by_value(sys.modules[cls.__module__])
+    options.setdefault("errors", "raise")
+    return p.Project(
+        project_id=project_id,
+        code=cloudpickle.dumps(cls) if code is None else code,
+        modules=modules or [],
+        parallel=parallel,
+        stop=stop,
+        only_if=only_if,
+        options=options,
+        owner=f"creator-{project_id}" if owner is None else owner,
+    )
+
+
+def task_message(project: p.Project, items: list[Any], *, task_id: int | None = None) -> p.Task:
+    """A first attempt at ``items`` of ``project``, with a new task id unless given."""
+    return p.Task(
+        task_id=next(_task_ids) if task_id is None else task_id,
+        project_id=project.project_id,
+        attempt=1,
+        items=pickle.dumps(items),
+    )

@@ -19,47 +19,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 import pytest
+from conftest import project_message as make_project
+from conftest import task_message as make_task
 
 from dcproto import protocol as p
 from dcproto.worker.child import MAX_LOADED
 from dcproto.worker.runner import SPARES, Outcome, Runner, TaskLimits, binding
 
 MiB = 1 << 20
-_task_ids = itertools.count(1)
-
-
-def make_project(
-    cls: type,
-    *,
-    project_id: str = "proj",
-    parallel: str = "f",
-    owner: str | None = None,
-    **options: Any,
-):
-    """A project of ``owner`` (by default a creator of its own, named after the project)."""
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    options.setdefault("errors", "raise")
-    return p.Project(
-        project_id=project_id,
-        code=cloudpickle.dumps(cls),
-        modules=[],
-        parallel=parallel,
-        stop=None,
-        only_if=None,
-        options=options,
-        owner=f"creator-{project_id}" if owner is None else owner,
-    )
-
-
-def make_task(project: p.Project, items: list[Any]) -> p.Task:
-    return p.Task(
-        task_id=next(_task_ids),
-        project_id=project.project_id,
-        attempt=1,
-        items=pickle.dumps(items),
-    )
 
 
 async def run(runner: Runner, project: p.Project, items: list[Any]) -> Outcome:

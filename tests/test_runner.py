@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import itertools
+import dataclasses
 import os
 import pickle
 import signal
@@ -20,53 +20,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 import pytest
+from conftest import project_message as make_project
+from conftest import task_message as make_task
 
 from dcproto import protocol as p
 from dcproto.worker.child import MAX_OUTPUT_BYTES, MAX_OUTPUT_FILES
 from dcproto.worker.runner import KILL_GRACE, PIPELINE_DEPTH, SPARES, Outcome, Runner
 
-_task_ids = itertools.count(1)
-
 # --------------------------------------------------------------------------------------------
 # Helpers and fixtures
 # --------------------------------------------------------------------------------------------
-
-
-def make_project(
-    cls: type,
-    *,
-    project_id: str = "proj",
-    parallel: str = "f",
-    stop: str | None = None,
-    only_if: str | None = None,
-    modules: list[str] | None = None,
-    code: bytes | None = None,
-    **options: Any,
-) -> p.Project:
-    # The child cannot import this module: ship the classes (and helpers they call) by value.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    options.setdefault("errors", "raise")
-    return p.Project(
-        project_id=project_id,
-        code=cloudpickle.dumps(cls) if code is None else code,
-        modules=modules or [],
-        parallel=parallel,
-        stop=stop,
-        only_if=only_if,
-        options=options,
-        owner=f"creator-{project_id}",  # a creator per project: each gets its own child
-    )
-
-
-def make_task(project: p.Project, items: list[Any], *, task_id: int | None = None) -> p.Task:
-    return p.Task(
-        task_id=next(_task_ids) if task_id is None else task_id,
-        project_id=project.project_id,
-        attempt=1,
-        items=pickle.dumps(items),
-    )
 
 
 async def run(runner: Runner, project: p.Project, items: list[Any]) -> Outcome:
@@ -502,7 +466,7 @@ async def test_unpicklable_value_dropped_by_only_if_is_fine(runner: Runner) -> N
 
 async def test_items_that_do_not_unpickle(runner: Runner) -> None:
     project = make_project(Square)
-    task = p.Task(task_id=next(_task_ids), project_id="proj", attempt=1, items=b"not a pickle")
+    task = dataclasses.replace(make_task(project, []), items=b"not a pickle")
     outcome = await run_task(runner, project, task)
     assert outcome.outcome == "error"
     assert outcome.error is not None and "UnpicklingError" in outcome.error["message"]

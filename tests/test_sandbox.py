@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 import pytest
+from conftest import project_message, task_message
 
 from dcproto import protocol as p
 from dcproto.paths import OUTPUT_DIR_ENV
@@ -530,27 +530,11 @@ class Inspect:
 
 
 def make_project(**options: Any) -> p.Project:
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    options.setdefault("errors", "raise")
-    return p.Project(
-        project_id="inspect",
-        code=cloudpickle.dumps(Inspect),
-        modules=[],
-        parallel="f",
-        stop=None,
-        only_if=None,
-        options=options,
-        owner="creator",
-    )
-
-
-_ids = iter(range(1, 1 << 30))
+    return project_message(Inspect, project_id="inspect", owner="creator", **options)
 
 
 def make_task(project: p.Project, item: Any) -> p.Task:
-    return p.Task(
-        task_id=next(_ids), project_id=project.project_id, attempt=1, items=pickle.dumps([item])
-    )
+    return task_message(project, [item])
 
 
 @pytest.fixture
