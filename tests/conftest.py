@@ -509,16 +509,23 @@ def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return directory
 
 
-def add_creator_user(server: ServerProcess, name: str, token_name: str | None = None) -> User:
-    """A user (named server) ``name`` for ``server``, with a new creator token (named
-    ``token_name``, by default ``name``), saved in the config dir."""
-    added = User(
+def server_user(server: ServerProcess, name: str, token: str) -> User:
+    """A user (named server) ``name`` for ``server``, presenting ``token``."""
+    return User(
         name=name,
         host="127.0.0.1",
         port=server.port,
-        token=server.add_token(token_name or name, "creator"),
+        token=token,
         fingerprint=server.fingerprint,
     )
+
+
+def add_server_user(
+    server: ServerProcess, name: str, *, role: str = "creator", token_name: str | None = None
+) -> User:
+    """:func:`server_user` with a new token of ``role`` (named ``token_name``, by default
+    ``name``), saved in the config dir."""
+    added = server_user(server, name, server.add_token(token_name or name, role))
     add_user(added)
     return added
 
@@ -526,7 +533,7 @@ def add_creator_user(server: ServerProcess, name: str, token_name: str | None = 
 @pytest.fixture
 def user(server: ServerProcess, config_dir: Path) -> User:
     """The user (named server) "home" for ``server``, with the creator token "creator"."""
-    return add_creator_user(server, "home", "creator")
+    return add_server_user(server, "home", token_name="creator")
 
 
 # ---- messages for a runner, without a server ----------------------------------------------------

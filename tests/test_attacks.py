@@ -35,7 +35,15 @@ from typing import Any, Self
 
 import msgpack
 import pytest
-from conftest import LISTENING, ServerProcess, WorkerProcess, hello_for, raw_socket, wait_for
+from conftest import (
+    LISTENING,
+    ServerProcess,
+    WorkerProcess,
+    hello_for,
+    raw_socket,
+    server_user,
+    wait_for,
+)
 
 from dcproto import ConnectionFailed, Distribute, SerializationError
 from dcproto import protocol as p
@@ -410,15 +418,7 @@ def take_tasks(worker: Peer, count: int) -> dict[str, p.Task]:
 
 
 def add_named_user(server: ServerProcess, name: str, token: str) -> None:
-    add_user(
-        User(
-            name=name,
-            host="127.0.0.1",
-            port=server.port,
-            token=token,
-            fingerprint=server.fingerprint,
-        )
-    )
+    add_user(server_user(server, name, token))
 
 
 # ---- 1. a fake server with another certificate ------------------------------------------------

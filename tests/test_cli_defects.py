@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, add_server_user, server_user
 
 from dcproto import Distribute
 from dcproto.errors import UnknownUserError
@@ -36,15 +36,7 @@ def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 def _creator(server: ServerProcess) -> User:
     """A user "creator" for ``server``, to submit projects the menu's worker can run."""
-    creator = User(
-        name="creator",
-        host="127.0.0.1",
-        port=server.port,
-        token=server.add_token("creator", "creator"),
-        fingerprint=server.fingerprint,
-    )
-    add_user(creator)
-    return creator
+    return add_server_user(server, "creator")
 
 
 def _times_ten(n: int) -> Any:
@@ -102,14 +94,7 @@ def test_menu_token_command_replaces_a_refused_token(
     _creator(server)
     project = _times_ten(1)
     forged = new_token("volunteer")  # the right name, another secret
-    home = User(
-        name="home",
-        host="127.0.0.1",
-        port=server.port,
-        token=forged,
-        fingerprint=server.fingerprint,
-    )
-    add_user(home)
+    add_user(server_user(server, "home", forged))
     token = server.add_token("volunteer", "worker")
     menu = run(WORKER, input=f"home\ntask\n1\ntoken\n{token}\ntask\n1\nexit\n")
     assert menu.returncode == 0, menu.stderr

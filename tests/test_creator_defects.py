@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, wait_for
+from conftest import ServerProcess, server_user, wait_for
 
 from dcproto import ConnectionFailed, DcprotoError, Distribute, load_results
 from dcproto.errors import UsageError
@@ -29,13 +29,7 @@ RESULT_TIMEOUT = 60.0  # bound on every wait: generous, only against hangs
 
 
 def home_user(server: ServerProcess) -> User:
-    return User(
-        name="home",
-        host="127.0.0.1",
-        port=server.port,
-        token=server.add_token("creator", "creator"),
-        fingerprint=server.fingerprint,
-    )
+    return server_user(server, "home", server.add_token("creator", "creator"))
 
 
 def _quick() -> type:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, hello_for, raw_socket, wait_for
+from conftest import ServerProcess, hello_for, raw_socket, server_user, wait_for
 
 import dcproto
 from dcproto import (
@@ -64,13 +64,7 @@ def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 def home_user(server: ServerProcess) -> User:
-    return User(
-        name="home",
-        host="127.0.0.1",
-        port=server.port,
-        token=server.add_token("creator", "creator"),
-        fingerprint=server.fingerprint,
-    )
+    return server_user(server, "home", server.add_token("creator", "creator"))
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, WorkerProcess, add_creator_user, wait_for
+from conftest import ServerProcess, WorkerProcess, add_server_user, wait_for
 
 from dcproto import Distribute, TaskFailed
 from dcproto.users import User
@@ -254,7 +254,7 @@ class Victim:
 def test_creator_as_implant_never_reaches_creator_bs_project_on_the_same_worker(
     volunteer: WorkerProcess, server: ServerProcess
 ) -> None:
-    add_creator_user(server, "bob")
+    add_server_user(server, "bob")
     implant = submit(Implant, [1, 2, 3])
     with pytest.raises(TaskFailed, match="cannot be sent"):  # A broke its own process...
         implant.get_results(timeout=TIMEOUT)

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, WorkerProcess, add_creator_user, wait_for
+from conftest import ServerProcess, WorkerProcess, add_server_user, wait_for
 
 from dcproto import Distribute
 from dcproto.connection import Endpoint
-from dcproto.users import User, add_user
+from dcproto.users import User
 from dcproto.worker import control
 from dcproto.worker.worker import Worker, WorkerConfig, parse_size
 
@@ -105,7 +105,7 @@ def load() -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
 def test_a_worker_trusting_bob_runs_bobs_projects_and_no_one_elses(
     server: ServerProcess, user: User, start_worker: Callable[..., WorkerProcess]
 ) -> None:
-    add_creator_user(server, "bob")
+    add_server_user(server, "bob")
     worker = start_worker("--trust", "bob")
     wait_for(lambda: "for 1 trusted creators" in server.log(), TIMEOUT, "the worker's WorkerState")
 
@@ -158,24 +158,8 @@ def test_sigusr1_stops_the_task_where_it_is_and_sigusr2_lets_it_finish(
 def test_menu_pause_and_resume_reach_the_running_worker(
     server: ServerProcess, config_dir: Path
 ) -> None:
-    add_user(
-        User(
-            name="creator",
-            host="127.0.0.1",
-            port=server.port,
-            token=server.add_token("creator", "creator"),
-            fingerprint=server.fingerprint,
-        )
-    )
-    add_user(
-        User(
-            name="home",
-            host="127.0.0.1",
-            port=server.port,
-            token=server.add_token("volunteer", "worker"),
-            fingerprint=server.fingerprint,
-        )
-    )
+    add_server_user(server, "creator")
+    add_server_user(server, "home", role="worker", token_name="volunteer")
     project = submit(Steps, [2], user_name="creator")
     menu = subprocess.run(
         WORKER,
