@@ -416,3 +416,18 @@ def test_help_documents_the_options_and_the_signals() -> None:
     ):
         assert option in shown.stdout
     assert "kill -USR1 PID" in shown.stdout and "kill -USR2 PID" in shown.stdout
+
+
+def test_the_process_tree_is_the_same_with_or_without_children_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without CONFIG_PROC_CHILDREN the tree comes from a scan of every process."""
+    shell = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"])
+    try:
+        wait_for(lambda: len(control.process_tree([shell.pid])) == 3, 10, "two sleeps")
+        from_lists = control.process_tree([shell.pid])
+        monkeypatch.setattr(control, "HAVE_CHILDREN_LISTS", False)
+        assert control.process_tree([shell.pid]).keys() == from_lists.keys()
+    finally:
+        control.signal_pids(control.tree_pids([shell.pid]), signal.SIGKILL)
+        shell.wait()

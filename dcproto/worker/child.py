@@ -62,7 +62,7 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import cloudpickle
 import msgpack
@@ -72,6 +72,7 @@ from ..paths import OUTPUT_DIR_ENV
 from ..pickling import PLAIN_TYPES
 from ..protocol import HEADER, Decoder
 from ..trust.safe import safe_loads
+from .procfs import ProcStat, all_processes, descendants, read_stat
 
 try:  # the handler as set, without signal.getsignal's enum conversion (30 times slower)
     # no typeshed stub for the private module; same signature as signal.getsignal
@@ -290,19 +291,8 @@ def _tree_size(path: Path) -> int:
 # ---- processes user code starts ------------------------------------------------------------
 
 PR_SET_CHILD_SUBREAPER = 36
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _GONE = frozenset("ZXx")  # states of a process that has exited
 _HELD = frozenset("ZXxTt")  # ... or is stopped: it can fork no more
-
-
-class ProcInfo(NamedTuple):
-    pid: int
-    ppid: int
-    state: str
-    start: int  # clock ticks after boot: with the pid, names one process for good
-    cpu: float  # CPU seconds, its own and those of the children it reaped
-    rss: int  # bytes
 
 
 def become_subreaper() -> bool:
@@ -317,57 +307,6 @@ def become_subreaper() -> bool:
         return False
 
 
-def proc_info(pid: int) -> ProcInfo | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            data = file.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()  # the name may hold spaces and parentheses
-    try:
-        return ProcInfo(
-            pid,
-            int(fields[1]),
-            fields[0].decode(),
-            int(fields[19]),
-            sum(int(field) for field in fields[11:15]) / _TICKS,
-            int(fields[21]) * _PAGE,
-        )
-    except (IndexError, ValueError):
-        return None
-
-
-def process_table() -> dict[int, ProcInfo]:
-    """Every process this one can see in /proc."""
-    table: dict[int, ProcInfo] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return table
-    for name in names:
-        if name.isdigit() and (info := proc_info(int(name))) is not None:
-            table[info.pid] = info
-    return table
-
-
-def descendants(root: int, table: dict[int, ProcInfo] | None = None) -> list[ProcInfo]:
-    """Every process whose chain of parents leads to ``root`` (not ``root`` itself)."""
-    if table is None:
-        table = process_table()
-    children: dict[int, list[ProcInfo]] = {}
-    for info in table.values():
-        children.setdefault(info.ppid, []).append(info)
-    found: list[ProcInfo] = []
-    todo, seen = [root], {root}
-    while todo:
-        for info in children.get(todo.pop(), ()):
-            if info.pid not in seen:
-                seen.add(info.pid)
-                found.append(info)
-                todo.append(info.pid)
-    return found
-
-
 def _send(pid: int, pidfd: int, signum: int) -> None:
     with contextlib.suppress(OSError):  # gone already
         if pidfd >= 0:
@@ -376,7 +315,7 @@ def _send(pid: int, pidfd: int, signum: int) -> None:
             os.kill(pid, signum)
 
 
-def _hold(held: dict[int, int], info: ProcInfo) -> None:
+def _hold(held: dict[int, int], info: ProcStat) -> None:
     """Stop ``info``'s process, keeping a pidfd on it for the kill: opened while the pid is
     known to name the process scanned, so that a pid reused since is never signalled."""
     try:
@@ -386,7 +325,7 @@ def _hold(held: dict[int, int], info: ProcInfo) -> None:
     except (AttributeError, OSError):
         pidfd = -1  # no pidfds here (or out of descriptors): by pid, as kill(1) would
     if pidfd >= 0:
-        now = proc_info(info.pid)
+        now = read_stat(info.pid)
         if now is None or now.start != info.start:
             os.close(pidfd)
             return
@@ -414,13 +353,13 @@ def kill_tree(root: int, *, include_root: bool, patience: float = CLEANUP_PATIEN
     deadline = time.monotonic() + patience
     try:
         if include_root:
-            info = proc_info(root)
+            info = read_stat(root)
             if info is None or info.ppid != os.getpid() or info.state in _GONE:
                 return 0  # reaped, not ours, or dead (its orphans have gone up the tree)
             _hold(held, info)
         while True:
             moving = False
-            if root in held and (info := proc_info(root)) is not None and info.state not in _HELD:
+            if root in held and (info := read_stat(root)) is not None and info.state not in _HELD:
                 _send(root, held[root], signal.SIGSTOP)  # started again by one under it
                 moving = True
             for info in descendants(root):
@@ -468,7 +407,7 @@ def tree_usage(roots: list[int]) -> dict[int, tuple[float, int | None]]:
     """For each live root: the CPU seconds of its tree (live processes, and what they reaped),
     and the memory of the tree (proportional set size) if it holds more than the root (whose
     own address space RLIMIT_AS caps already), else None."""
-    table = process_table()
+    table = all_processes()
     usage: dict[int, tuple[float, int | None]] = {}
     for root in roots:
         info = table.get(root)
@@ -480,7 +419,7 @@ def tree_usage(roots: list[int]) -> dict[int, tuple[float, int | None]]:
     return usage
 
 
-def _memory(info: ProcInfo) -> int:
+def _memory(info: ProcStat) -> int:
     """A process's share of the memory it uses (shared pages split between their users)."""
     try:
         with open(f"/proc/{info.pid}/smaps_rollup", "rb") as file:

@@ -20,18 +20,23 @@ import logging
 import os
 import signal
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .procfs import (
+    CLOCK_TICKS,
+    HAVE_PROC,
+    PROC,
+    ProcStat,
+    all_processes,
+    descendants,
+    read_stat,
+)
+
 log = logging.getLogger("dcproto.worker")
 
-PROC = Path("/proc")
-HAVE_PROC = (PROC / "self" / "stat").exists()
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 # --when-idle: the machine counts as busy when what is not ours uses more than IDLE_THRESHOLD
 # cores for BUSY_SAMPLES seconds in a row, and as idle again after IDLE_SAMPLES quiet seconds
@@ -49,57 +54,6 @@ CGROUP_PERIOD_US = 100_000
 
 
 # ---- /proc ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ProcStat:
-    """What /proc/PID/stat says of one process."""
-
-    pid: int
-    ppid: int
-    state: str  # R, S, D, T (stopped), Z, ...
-    ticks: int  # CPU clock ticks: its own and its reaped children's (utime+stime+cutime+cstime)
-    start: int  # start time in ticks since boot: with the pid, names the process for good
-    rss: int  # bytes resident
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.pid, self.start)
-
-
-def read_stat(pid: int) -> ProcStat | None:
-    """The process's stat line; None if it is gone (or there is no /proc)."""
-    try:
-        with open(PROC / str(pid) / "stat", "rb") as file:
-            data = file.read()
-    except OSError:
-        return None
-    # the command name (2nd field) may hold spaces and parentheses: split after the last ")"
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return ProcStat(
-            pid=pid,
-            ppid=int(fields[1]),
-            state=fields[0].decode("ascii", "replace"),
-            ticks=int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14]),
-            start=int(fields[19]),
-            rss=int(fields[21]) * PAGE_SIZE,
-        )
-    except (IndexError, ValueError):
-        return None
-
-
-def all_processes() -> dict[int, ProcStat]:
-    found: dict[int, ProcStat] = {}
-    try:
-        entries = os.scandir(PROC)
-    except OSError:
-        return found
-    with entries:
-        for entry in entries:
-            if entry.name.isdigit() and (stat := read_stat(int(entry.name))) is not None:
-                found[stat.pid] = stat
-    return found
 
 
 def _children(pid: int) -> list[int]:
@@ -130,16 +84,9 @@ def process_tree(roots: Iterable[int]) -> dict[int, ProcStat]:
                 todo.extend(_children(pid))
         return found
     table = all_processes()
-    children: defaultdict[int, list[int]] = defaultdict(list)
-    for stat in table.values():
-        children[stat.ppid].append(stat.pid)
-    found = {}
-    todo = [pid for pid in roots if pid in table]
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found[pid] = table[pid]
-            todo.extend(children.get(pid, ()))
+    found = {pid: table[pid] for pid in roots if pid in table}
+    for root in list(found):
+        found.update((below.pid, below) for below in descendants(root, table))
     return found
 
 
