@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.scheduling import USER, Cluster
-from dcproto import Distribute
+from dcproto import Distribute, ProjectHandle
 from dcproto.worker.control import process_tree
 
 TICK = 1 / os.sysconf("SC_CLK_TCK")
@@ -55,14 +55,21 @@ def cpu_seconds(cluster: Cluster) -> dict[str, float]:
     }
 
 
-def one_project(cluster: Cluster, tasks: int, results_path: Path | None) -> dict[str, float]:
-    cls = Distribute(
+def plus_one_project(
+    items: int, results_path: Path | None, task_size: int = 1
+) -> type[ProjectHandle]:
+    """A fresh project class over ``range(items)``, as a user's script declares one."""
+    return Distribute(
         user_name=USER,
-        iterator=range(tasks),
-        task_size=1,
+        iterator=range(items),
+        task_size=task_size,
         results_path=str(results_path) if results_path else None,
         progress=False,
     )(type("PlusOne", (PlusOne,), {}))
+
+
+def one_project(cluster: Cluster, tasks: int, results_path: Path | None) -> dict[str, float]:
+    cls = plus_one_project(tasks, results_path)
     before = cpu_seconds(cluster)
     began = time.perf_counter()
     results = cls().get_results(timeout=600)

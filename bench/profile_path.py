@@ -22,21 +22,13 @@ import tempfile
 import threading
 from pathlib import Path
 
-from bench.cpu_per_task import PlusOne
-from bench.scheduling import USER, Cluster
-from dcproto import Distribute
+from bench.cpu_per_task import plus_one_project
+from bench.scheduling import Cluster
 from dcproto.creator.client import background_loop
 
 
 def project(tasks: int, results_path: Path, task_size: int = 1) -> None:
-    cls = Distribute(
-        user_name=USER,
-        iterator=range(tasks * task_size),
-        task_size=task_size,
-        results_path=str(results_path),
-        progress=False,
-    )(type("PlusOne", (PlusOne,), {}))
-    cls().get_results(timeout=600)
+    plus_one_project(tasks * task_size, results_path, task_size)().get_results(timeout=600)
 
 
 def on_loop(action: str, profiler: cProfile.Profile) -> None:
