@@ -523,6 +523,19 @@ def test_the_fast_field_check_never_passes_a_wrong_type(
     assert not p._FAST_CHECKS[cls](dataclasses.replace(SAMPLES[cls], **{name: value}))
 
 
+@pytest.mark.parametrize(
+    "owner", ["bad owner", "-leading-dash", "x" * 65, "name\nnewline", "ümlaut"]
+)
+def test_a_project_whose_owner_is_no_token_name_is_refused(owner: str) -> None:
+    """A worker keys its child processes by owner: only a token name (or "") may be one."""
+    project = dataclasses.replace(SAMPLES[Project], owner=owner)
+    fields = [getattr(project, field.name) for field in dataclasses.fields(project)]
+    with pytest.raises(RemoteProtocolError, match="owner must be empty or a token name"):
+        decode(msgpack.packb([Project.TYPE, *fields]))
+    unknown = dataclasses.replace(project, owner="")
+    assert decode(encode(unknown)[HEADER.size :]) == unknown
+
+
 def test_some_wrong_types_explicitly() -> None:
     # the cases most likely to slip through a lax decoder
     cases = [
