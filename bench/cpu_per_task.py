@@ -68,17 +68,22 @@ def plus_one_project(
     )(type("PlusOne", (PlusOne,), {}))
 
 
-def one_project(cluster: Cluster, tasks: int, results_path: Path | None) -> dict[str, float]:
-    cls = plus_one_project(tasks, results_path)
+def one_project(
+    cluster: Cluster, tasks: int, results_path: Path | None, task_size: int = 1
+) -> dict[str, float]:
+    """CPU per task of one project; with ``task_size > 1``, ns of CPU per item instead."""
+    items = tasks * task_size
+    cls = plus_one_project(items, results_path, task_size)
     before = cpu_seconds(cluster)
     began = time.perf_counter()
     results = cls().get_results(timeout=600)
     wall = time.perf_counter() - began
     after = cpu_seconds(cluster)
-    assert results == {x: x + 1 for x in range(tasks)}
-    figures = {name: (after[name] - before[name]) * 1e6 / tasks for name in PROCESSES}
+    assert results == {x: x + 1 for x in range(items)}
+    scale = 1e6 / tasks if task_size == 1 else 1e9 / items
+    figures = {name: (after[name] - before[name]) * scale for name in PROCESSES}
     figures["total"] = sum(figures[name] for name in PROCESSES)
-    figures["tasks_per_s"] = tasks / wall
+    figures["tasks_per_s" if task_size == 1 else "items_per_s"] = items / wall
     return figures
 
 
@@ -87,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sandbox", default="auto", choices=("auto", "off"))
+    parser.add_argument(
+        "--task-size", type=int, default=1, help="items per task; above 1, ns of CPU per item"
+    )
     args = parser.parse_args(argv)
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="dcproto-cpu-") as tmp:
@@ -99,18 +107,20 @@ def main(argv: list[str] | None = None) -> int:
                 runs = []
                 for rep in range(args.reps):
                     path = Path(tmp) / f"results-{form}-{rep}" if form == "readme" else None
-                    runs.append(one_project(cluster, args.tasks, path))
+                    runs.append(one_project(cluster, args.tasks, path, args.task_size))
                 report[form] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         finally:
             cluster.close()
-    print(
-        f"{args.tasks:,} one-item tasks, medians of {args.reps}, --sandbox {args.sandbox}; "
-        "µs of CPU per task"
-    )
-    print(f"{'form':8} " + " ".join(f"{name:>9}" for name in (*PROCESSES, "total")) + "   tasks/s")
+    per_item = args.task_size > 1
+    shape = f"tasks of {args.task_size:,} items" if per_item else "one-item tasks"
+    unit = "ns of CPU per item" if per_item else "µs of CPU per task"
+    rate = "items_per_s" if per_item else "tasks_per_s"
+    print(f"{args.tasks:,} {shape}, medians of {args.reps}, --sandbox {args.sandbox}; {unit}")
+    header = " ".join(f"{name:>9}" for name in (*PROCESSES, "total"))
+    print(f"{'form':8} {header}   {rate.replace('_per_s', '/s')}")
     for form, figures in report.items():
         cells = " ".join(f"{figures[name]:9.0f}" for name in (*PROCESSES, "total"))
-        print(f"{form:8} {cells}   {figures['tasks_per_s']:7,.0f}")
+        print(f"{form:8} {cells}   {figures[rate]:9,.0f}")
     print(json.dumps(report))
     return 0
 

@@ -31,8 +31,8 @@ import msgpack
 
 from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION = 5  # 2: creator-chosen ids, INITIAL_CREDIT; 3: tokens, TLS; 4: Recall;
-# 5: Project.owner
+PROTOCOL_VERSION = 6  # 2: creator-chosen ids, INITIAL_CREDIT; 3: tokens, TLS; 4: Recall;
+# 5: Project.owner; 6: a payload may be a list of one value per item
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 #: The handshake happens before the peer is authenticated, so it gets a much smaller limit.

@@ -90,8 +90,9 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("Result", "task_id"): "The `task_id` of the Task answered.",
     ("Result", "attempt"): "The `attempt` of the Task answered.",
     ("Result", "outcome"): f"One of {_one_of(p.RESULT_OUTCOMES)} (see *Result outcomes*).",
-    ("Result", "payload"): "Pickled dict `{index: value}` of the kept results, keyed by the "
-    "item's index in the task; may be empty.",
+    ("Result", "payload"): "The kept results: a pickled list of one value per item in order "
+    "when every item was kept, else a pickled dict `{index: value}` keyed by the item's index "
+    "in the task; may be empty.",
     ("Result", "n_items"): "Items processed.",
     ("Result", "n_kept"): "Entries in `payload`; at most `n_items`.",
     ("Result", "error"): "Details when the task failed (string keys such as `message`), or nil.",
@@ -130,7 +131,7 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("TaskDone", "project_id"): "The project.",
     ("TaskDone", "seq"): "The creator's `seq` of the task.",
     ("TaskDone", "items"): "The task's items exactly as the creator sent them in Tasks.",
-    ("TaskDone", "payload"): "The worker's Result payload `{index: value}`, unchanged.",
+    ("TaskDone", "payload"): "The worker's Result payload (a list or `{index: value}`), unchanged.",
     ("TaskDone", "n_items"): "Items processed.",
     ("TaskDone", "n_kept"): "Entries in `payload`.",
     ("TaskDone", "files"): "Extra output files, each `[name: str, data: bin]`.",

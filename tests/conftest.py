@@ -541,6 +541,16 @@ def user(server: ServerProcess, config_dir: Path) -> User:
 _task_ids = itertools.count(1)
 
 
+def payload_by_index(payload: bytes) -> dict[int, Any]:
+    """A result payload as ``{index: value}``, whichever of its two forms the worker sent
+    (a list of one value per item, or the dict of the kept ones)."""
+    kept = pickle.loads(payload)
+    if type(kept) is list:
+        return dict(enumerate(kept))
+    assert type(kept) is dict, type(kept)
+    return kept
+
+
 def project_message(
     cls: type,
     *,

@@ -40,6 +40,7 @@ from conftest import (
     ServerProcess,
     WorkerProcess,
     hello_for,
+    payload_by_index,
     raw_socket,
     server_user,
     wait_for,
@@ -373,7 +374,7 @@ def task_results(messages: list[p.Message]) -> dict[Any, Any]:
     for message in messages:
         if isinstance(message, p.TaskDone):
             items = pickle.loads(message.items)
-            results.update({items[i]: v for i, v in pickle.loads(message.payload).items()})
+            results.update({items[i]: v for i, v in payload_by_index(message.payload).items()})
     return results
 
 
@@ -740,7 +741,8 @@ def test_hostile_payloads_are_refused_and_the_creator_survives(
     assert b"eval" in evil_payload
     payloads = {
         "evil": evil_payload,
-        "not_a_dict": pickle.dumps([1, 2]),
+        "not_a_dict": pickle.dumps((1, 2)),
+        "list_too_long": pickle.dumps([1, 2]),
         "bad_index": pickle.dumps({5: 1}),
     }
     with Peer(server, "worker", server.add_token("raw-worker", "worker"), slots=4) as worker:
@@ -777,8 +779,10 @@ def test_hostile_payloads_are_refused_and_the_creator_survives(
     assert isinstance(evil, UnsafeResult) or isinstance(evil.__cause__, UnsafeResult), repr(evil)
     refused = evil if isinstance(evil, UnsafeResult) else evil.__cause__
     assert isinstance(refused, UnsafeResult) and refused.type_name == "builtins.eval"
-    assert "not a dict" in str(errors["not_a_dict"]), errors["not_a_dict"]
-    assert "list" in str(errors["not_a_dict"])
+    assert "not a dict or a list" in str(errors["not_a_dict"]), errors["not_a_dict"]
+    assert "tuple" in str(errors["not_a_dict"])
+    too_long = str(errors["list_too_long"])
+    assert "holds 2 values for a task of 1 items" in too_long, too_long
     assert "names item 5" in str(errors["bad_index"]), errors["bad_index"]
     assert not marker.exists(), "the worker's pickle ran code in the creator"
     assert_honest_project_finishes()

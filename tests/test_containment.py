@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import payload_by_index
 from conftest import project_message as make_project
 from conftest import task_message as make_task
 
@@ -37,7 +38,7 @@ async def run(runner: Runner, project: p.Project, items: list[Any]) -> Outcome:
 def values(outcome: Outcome) -> list[Any]:
     """The kept values, in item order."""
     assert outcome.outcome in ("ok", "stop"), outcome.error
-    kept = pickle.loads(outcome.payload)
+    kept = payload_by_index(outcome.payload)
     return [kept[index] for index in sorted(kept)]
 
 

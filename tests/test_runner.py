@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import payload_by_index
 from conftest import project_message as make_project
 from conftest import task_message as make_task
 
@@ -54,8 +55,7 @@ _items_of: dict[int, tuple[Outcome, list[Any]]] = {}
 
 
 def pairs(outcome: Outcome) -> list[tuple[Any, Any]]:
-    kept = pickle.loads(outcome.payload)
-    assert type(kept) is dict
+    kept = payload_by_index(outcome.payload)
     items = _items_of[id(outcome)][1]
     return [(items[index], value) for index, value in kept.items()]
 
@@ -365,6 +365,7 @@ async def test_ok_results(runner: Runner) -> None:
     outcome = await run(runner, make_project(Square), [1, 2, 3])
     assert outcome.outcome == "ok"
     assert pairs(outcome) == [(1, 1), (2, 4), (3, 9)]
+    assert pickle.loads(outcome.payload) == [1, 4, 9]  # every item kept: a list, in order
     assert (outcome.n_items, outcome.n_kept) == (3, 3)
     assert outcome.error is None
     assert outcome.files == []
@@ -437,12 +438,24 @@ async def test_exception_with_errors_skip(runner: Runner) -> None:
     assert outcome.outcome == "ok"
     assert outcome.error is None
     assert pairs(outcome) == [(x, x) for x in range(0, 14, 2)]
+    assert type(pickle.loads(outcome.payload)) is dict  # some skipped: keyed by index
     assert (outcome.n_items, outcome.n_kept) == (14, 7)
     assert outcome.stats["n_errors"] == 7
     errors = outcome.stats["errors"]
     assert len(errors) == 5  # only the first few error texts travel back
     assert [e["item"] for e in errors] == ["1", "3", "5", "7", "9"]
     assert errors[0]["message"] == "RuntimeError: odd 1"
+
+
+@pytest.mark.parametrize("items", [[1, 2, 4], [2, 4, 3], [3], [1, 3, 5, 2]])
+async def test_skipped_items_at_either_end_keep_the_others_on_their_items(
+    runner: Runner, items: list[int]
+) -> None:
+    outcome = await run(runner, make_project(OddsFail, errors="skip"), items)
+    assert outcome.outcome == "ok"
+    assert pairs(outcome) == [(x, x) for x in items if x % 2 == 0]
+    assert (outcome.n_items, outcome.n_kept) == (len(items), len([x for x in items if x % 2 == 0]))
+    assert [e["item"] for e in outcome.stats["errors"]] == [str(x) for x in items if x % 2]
 
 
 async def test_unpicklable_value(runner: Runner) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
-from conftest import RawPeer, ServerProcess, WorkerProcess
+from conftest import RawPeer, ServerProcess, WorkerProcess, payload_by_index
 
 from dcproto import protocol as p
 from dcproto.creator.creator import pickle_class
@@ -78,7 +78,7 @@ def _results(messages: list[p.Message], project_id: str) -> dict[int, dict[Any, 
             assert message.project_id == project_id, message
             assert message.seq not in results, f"seq {message.seq} delivered twice"
             items = pickle.loads(message.items)
-            by_index = pickle.loads(message.payload)
+            by_index = payload_by_index(message.payload)
             results[message.seq] = {items[i]: value for i, value in by_index.items()}
     return results
 

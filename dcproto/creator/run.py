@@ -549,14 +549,20 @@ class ProjectRun:
 
     def _decode_indexed(
         self, items_blob: bytes, payload: bytes, what: str
-    ) -> tuple[dict[Any, Any], list[int]]:
+    ) -> tuple[dict[Any, Any], Sequence[int]]:
         """:meth:`_decode`, and the indexes in the task of the items it holds."""
         items = trusted_loads(items_blob, what=f"the items of {what}")
         if not isinstance(items, Sequence):
             raise ValueError("the task's items are not a sequence")
         values = loads_from_worker(payload, trusted=self.trusted, what=what)
+        if type(values) is list:  # every item kept: one value per item, in order
+            if len(values) != len(items):
+                raise ValueError(
+                    f"the payload holds {len(values)} values for a task of {len(items)} items"
+                )
+            return dict(zip(items, values, strict=True)), range(len(items))
         if not isinstance(values, dict):
-            raise ValueError(f"the payload is a {type(values).__name__}, not a dict")
+            raise ValueError(f"the payload is a {type(values).__name__}, not a dict or a list")
         indexes = list(values)
         if (  # every index an int in the task: checked and mapped at C speed
             indexes

@@ -589,8 +589,10 @@ def _check_depth(value: object, numpy: _Numpy | None) -> None:
     as values. Depth is the longest chain of containers, each shared container walked once.
     Cycles are legal (pickle makes them): a chain stops where it would repeat a container, and
     a container's depth is measured from where the walk first met it."""
+    if type(value) is list and _only_leaves(value):
+        return  # the usual payload, one plain value per item: no walk needed
     if type(value) is dict and _only_leaves(value) and _only_leaves(value.values()):
-        return  # the usual payload, {index: plain value}: no walk needed
+        return  # {index: plain value}: no walk needed
     root_children = _children(value, numpy)
     if root_children is None:
         return

@@ -484,16 +484,28 @@ def _error_info(item: Any, exc: BaseException) -> dict[str, Any]:
     }
 
 
-def _pickle_kept(kept: dict[int, Any], items: Sequence[Any], check_values: bool) -> bytes:
-    """The kept values, keyed by their item's index in the task (the creator keeps the items
-    themselves). Raises _ValueError naming the item whose value cannot travel."""
-    if PLAIN_TYPES.issuperset(map(type, kept.values())):
+def _by_index(values: list[Any], failed: list[int]) -> dict[int, Any]:
+    """``values`` of every item but the ``failed`` ones (ascending), keyed by item index."""
+    skipped = set(failed)
+    indexes = (i for i in range(len(values) + len(failed)) if i not in skipped)
+    return dict(zip(indexes, values, strict=True))
+
+
+def _pickle_kept(
+    kept: dict[int, Any] | list[Any], items: Sequence[Any], check_values: bool
+) -> bytes:
+    """The kept values: a list of one value per item in order when every item was kept,
+    else keyed by their item's index in the task (the creator keeps the items themselves).
+    Raises _ValueError naming the item whose value cannot travel."""
+    values = kept.values() if isinstance(kept, dict) else kept
+    if PLAIN_TYPES.issuperset(map(type, values)):
         # the C pickler is several times faster, and plain values pickle the same either way
         return pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL)
+    pairs = kept.items() if isinstance(kept, dict) else enumerate(kept)
     try:
         blob: bytes = cloudpickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        for index, value in kept.items():  # find the culprit, to name it in the error
+        for index, value in pairs:  # find the culprit, to name it in the error
             try:
                 cloudpickle.dumps(value)
             except Exception as inner:
@@ -503,7 +515,7 @@ def _pickle_kept(kept: dict[int, Any], items: Sequence[Any], check_values: bool)
         try:
             safe_loads(blob, what="a value")
         except UnsafeResult as exc:
-            for index, value in kept.items():
+            for index, value in pairs:
                 try:
                     safe_loads(
                         cloudpickle.dumps(value), what=f"the value for {items[index]!r:.200}"
@@ -565,7 +577,7 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
             return _cap_answer(project.cap, 0)
         return ["load_error", b"", 0, 0, {"message": project.error}, {}, []]
     run_time = 0.0
-    kept: dict[Any, Any] = {}
+    kept: dict[int, Any] | list[Any] = {}
     left_behind: bool | None = None  # unknown until the task has run
     outcome = "ok"
     error: dict[str, Any] | None = None
@@ -582,27 +594,57 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
         parallel, stop, only_if = project.parallel, project.stop, project.only_if
         loop_started = time.perf_counter()
         # the loop is timed as a whole: two clock reads per item cost more than x + 1 does
-        for index, item in enumerate(items):
-            n_items += 1
-            try:
-                value = parallel(item)
-                if stop is not None and stop(value):
-                    outcome = "stop"
-                    kept = {index: value}
+        if stop is None and only_if is None:
+            # every value is kept: map at C speed into a list, one value per item in order;
+            # an item that raises leaves the values before it in place, and the map goes on
+            # after it (list.extend keeps what it appended before the error)
+            values: list[Any] = []
+            failed: list[int] = []
+            rest = iter(items)
+            while True:
+                try:
+                    values.extend(map(parallel, rest))
+                    n_items = len(values) + len(failed)
                     break
-                if only_if is None or only_if(value):
-                    kept[index] = value
-            except (TaskAbandoned, CpuTimeExceeded):
-                raise
-            except BaseException as exc:
-                if _cap_hit(exc) is not None:
-                    raise  # a cap, not the item, ended it: never skipped
-                if project.errors == "raise":
-                    outcome, error = "error", _error_info(item, exc)
-                    break
-                n_errors += 1
-                if len(errors) < MAX_REPORTED_ERRORS:
-                    errors.append(_error_info(item, exc))
+                except (TaskAbandoned, CpuTimeExceeded):
+                    n_items = len(values) + len(failed) + 1
+                    raise
+                except BaseException as exc:
+                    n_items = len(values) + len(failed) + 1
+                    if _cap_hit(exc) is not None:
+                        raise  # a cap, not the item, ended it: never skipped
+                    item = items[n_items - 1]
+                    if project.errors == "raise":
+                        outcome, error = "error", _error_info(item, exc)
+                        break
+                    failed.append(n_items - 1)
+                    n_errors += 1
+                    if len(errors) < MAX_REPORTED_ERRORS:
+                        errors.append(_error_info(item, exc))
+            kept = _by_index(values, failed) if failed else values
+        else:
+            kept = {}
+            for index, item in enumerate(items):
+                n_items += 1
+                try:
+                    value = parallel(item)
+                    if stop is not None and stop(value):
+                        outcome = "stop"
+                        kept = {index: value}
+                        break
+                    if only_if is None or only_if(value):
+                        kept[index] = value
+                except (TaskAbandoned, CpuTimeExceeded):
+                    raise
+                except BaseException as exc:
+                    if _cap_hit(exc) is not None:
+                        raise  # a cap, not the item, ended it: never skipped
+                    if project.errors == "raise":
+                        outcome, error = "error", _error_info(item, exc)
+                        break
+                    n_errors += 1
+                    if len(errors) < MAX_REPORTED_ERRORS:
+                        errors.append(_error_info(item, exc))
         run_time = time.perf_counter() - loop_started
         if outcome == "error":
             payload = b""
