@@ -4,6 +4,7 @@ Layout (stable; ``load_results`` reads it back):
 
 * ``results.pickle`` -- the ``{item: value}`` dict, pickled (keys keep their types)
 * ``results.json`` -- the same as a list of ``[item, value]`` pairs, when JSON can hold them
+  (a non-finite float is written as null)
 * ``stats.json`` -- times, counts, per-worker tasks, items/s (see the README)
 * ``tasks.csv`` -- one line per finished task: seq, worker, attempt, run, exec, round trip
 * ``errors.json`` -- the items skipped under ``errors="skip"``, with their tracebacks
@@ -23,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import cloudpickle
+import orjson
 
 from ..errors import ResultsPathError
 
@@ -129,13 +131,27 @@ class ResultsWriter:
             tmp = self.path / (RESULTS_PICKLE + ".tmp")
             tmp.write_bytes(cloudpickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL))
             os.replace(tmp, self.path / RESULTS_PICKLE)
-        try:
-            text = json.dumps(list(results.items()))  # pairs as arrays, built in C
-        except (TypeError, ValueError):
+        data = results_json(results)
+        if data is None:
             (self.path / "results.json").unlink(missing_ok=True)
             return
         with self._guard("results.json"):
-            (self.path / "results.json").write_text(text, encoding="utf-8")
+            (self.path / "results.json").write_bytes(data)
+
+
+def results_json(results: dict[Any, Any]) -> bytes | None:
+    """``results`` as a JSON array of ``[item, value]`` pairs, or None if JSON cannot hold
+    them. Non-finite floats become null (JSON has no NaN; results.pickle keeps them)."""
+    pairs = list(results.items())
+    try:
+        return orjson.dumps(pairs)
+    except TypeError:  # beyond orjson: an int over 64 bits, a dict with int keys, ...
+        pass
+    try:
+        text = json.dumps(pairs)  # NaN here as the standard encoder writes it
+    except (TypeError, ValueError):
+        return None
+    return text.encode("utf-8")
 
 
 class _Guard:
