@@ -1084,7 +1084,23 @@ class Connection:
         return b"".join(self.chunks_to_send())
 
     def chunks_to_send(self) -> list[bytes]:
-        """The bytes queued since the last call, as pieces for one ``writelines`` (which
-        writes them with one writev, not joining them first); possibly empty."""
+        """The bytes queued since the last call, as pieces for one ``writelines``; possibly
+        empty. Runs of small frames are joined into one piece: a TLS transport encrypts each
+        piece as its own record (one record per frame cost the worker and the server more
+        than the frames' encoding); large bodies stay apart, never copied."""
         chunks, self._outgoing = self._outgoing, []
-        return chunks
+        if len(chunks) < 2:
+            return chunks
+        pieces: list[bytes] = []
+        run: list[bytes] = []
+        for chunk in chunks:
+            if len(chunk) < JOIN_LIMIT:
+                run.append(chunk)
+                continue
+            if run:
+                pieces.append(b"".join(run) if len(run) > 1 else run[0])
+                run = []
+            pieces.append(chunk)
+        if run:
+            pieces.append(b"".join(run) if len(run) > 1 else run[0])
+        return pieces

@@ -788,12 +788,26 @@ def test_a_large_frame_is_queued_without_copying_its_body() -> None:
     large = result(payload=b"L" * (p.JOIN_LIMIT + 1))
     pair.client.send(small)
     pair.client.send(large)
+    pair.client.send(small)
     chunks = pair.client.chunks_to_send()
     assert pair.client.chunks_to_send() == []
-    # small frame: header and body together; large frame: its header, then its body as is
-    assert [len(c) for c in chunks[1:]] == [HEADER.size, len(encode(large)) - HEADER.size]
-    assert b"".join(chunks) == encode(small) + encode(large)
-    assert pair.server.receive_data(b"".join(chunks)) == [small, large]
+    # the small frame and the large frame's header in one piece (one TLS record), the large
+    # body a piece of its own, then the last small frame
+    body = len(encode(large)) - HEADER.size
+    assert [len(c) for c in chunks] == [len(encode(small)) + HEADER.size, body, len(encode(small))]
+    assert b"".join(chunks) == encode(small) + encode(large) + encode(small)
+    assert pair.server.receive_data(b"".join(chunks)) == [small, large, small]
+
+
+def test_small_frames_queued_in_a_row_go_out_as_one_piece() -> None:
+    pair = ConnectionPair("worker")
+    pair.handshake()
+    answers = [result(task_id=i, payload=b"s" * 10) for i in range(1, 6)]
+    for answer in answers:
+        pair.client.send(answer)
+    chunks = pair.client.chunks_to_send()
+    assert len(chunks) == 1
+    assert pair.server.receive_data(chunks[0]) == answers
 
 
 # ---- Connection: conversations ---------------------------------------------------------------
