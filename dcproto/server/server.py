@@ -73,6 +73,7 @@ INCIDENT_LOG_INTERVAL = 10.0  # seconds between log lines about one worker's mis
 TASK_ID_BLOCK = 1 << 16  # task ids reserved on disk at a time (see Server._flush)
 COMMIT_SPACING = 4.0  # a commit waits until this many times the last one's duration has passed
 MAX_COMMIT_DELAY = 0.001  # but never longer
+FLUSH_LATENCY = 0.002  # output held this long in a busy loop turn is sent before the turn ends
 CHECKPOINT_BYTES = 16 * 1024 * 1024  # WAL size past which a checkpoint starts (on a thread)
 CHECKPOINT_CHECK_EVERY = 16  # commits between looks at the WAL's size (a stat each)
 # messages that say something is on disk: sent only after the commit. Not Finished: if the
@@ -172,6 +173,7 @@ class ServerConnection(asyncio.Protocol):
                 peer_text(self.proto.error, 120),
             )
         self.server.mark_dirty(self)
+        self.server.flush_if_late()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -420,6 +422,7 @@ class Server:
         self.connection_ids = itertools.count(1)
         self._dirty: dict[str, ServerConnection] = {}
         self._flush_scheduled = False
+        self._dirty_since = 0.0  # when the pending flush was scheduled
         self._task_id_ceiling = 0  # no task id above it was handed out; it is on disk
         self._after_commit: dict[str, ServerConnection] = {}  # flushed after the next commit
         self._commit_timer: asyncio.TimerHandle | None = None
@@ -497,7 +500,15 @@ class Server:
         self._dirty[conn.conn_id] = conn
         if not self._flush_scheduled:
             self._flush_scheduled = True
+            self._dirty_since = time.monotonic()
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def flush_if_late(self) -> None:
+        """Flush now, between two connections' reads, when this loop turn has held its
+        output for FLUSH_LATENCY: with thousands of connections ready at once, one turn can
+        take long, and the tasks pushed early in it should not wait for its end."""
+        if self._flush_scheduled and time.monotonic() - self._dirty_since > FLUSH_LATENCY:
+            self._flush()  # the call already scheduled finds nothing left, or what came since
 
     def _flush(self) -> None:
         """Once per loop turn: send what may go before the state is on disk, and commit (now
