@@ -12,6 +12,10 @@ server, the worker, the worker's children (every process under the worker) and, 
 creator, this whole process (``time.process_time``, all its threads). Divided by the tasks, it
 is the figure that survives a change of machine better than a rate: track it from run to run
 in ``docs/benchmarks.md``. Medians of ``--reps`` projects on one warmed server and worker.
+
+``--pin`` runs the server alone on the first CPU and the worker, its children and this
+process on the others (every thread of each process, set once all are up): what a deployment
+with the server on its own machine gets, measured on one machine.
 """
 
 from __future__ import annotations
@@ -55,6 +59,24 @@ def cpu_seconds(cluster: Cluster) -> dict[str, float]:
     }
 
 
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Bind every thread of each process in ``pids`` to ``cpus``."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def pin_apart(cluster: Cluster) -> None:
+    """The server alone on CPU 0; the worker's tree and this process on the rest."""
+    assert cluster.server is not None
+    [worker] = cluster.workers
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    pin(list(process_tree([cluster.server.pid])), {cpus[0]})
+    pin([*process_tree([worker.pid]), os.getpid()], set(cpus[1:]))
+
+
 def plus_one_project(
     items: int, results_path: Path | None, task_size: int = 1
 ) -> type[ProjectHandle]:
@@ -95,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--task-size", type=int, default=1, help="items per task; above 1, ns of CPU per item"
     )
+    parser.add_argument(
+        "--pin", action="store_true", help="the server alone on one CPU, the rest on the others"
+    )
     args = parser.parse_args(argv)
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="dcproto-cpu-") as tmp:
@@ -103,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             cluster.start()
             cluster.worker("w", slots=2, extra=("--sandbox", args.sandbox))
             one_project(cluster, 500, None)  # warm: children, connections, caches
+            if args.pin:
+                pin_apart(cluster)
             for form in ("plain", "readme"):
                 runs = []
                 for rep in range(args.reps):
@@ -115,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     shape = f"tasks of {args.task_size:,} items" if per_item else "one-item tasks"
     unit = "ns of CPU per item" if per_item else "µs of CPU per task"
     rate = "items_per_s" if per_item else "tasks_per_s"
-    print(f"{args.tasks:,} {shape}, medians of {args.reps}, --sandbox {args.sandbox}; {unit}")
+    pinned = "; server pinned to its own CPU" if args.pin else ""
+    print(
+        f"{args.tasks:,} {shape}, medians of {args.reps}, --sandbox {args.sandbox}{pinned}; {unit}"
+    )
     header = " ".join(f"{name:>9}" for name in (*PROCESSES, "total"))
     print(f"{'form':8} {header}   {rate.replace('_per_s', '/s')}")
     for form, figures in report.items():
