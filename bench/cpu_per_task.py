@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.scheduling import USER, Cluster
+from bench.workloads import FILTER_KEEP_EVERY
 from dcproto import Distribute, ProjectHandle
 from dcproto.worker.control import process_tree
 
@@ -42,6 +43,14 @@ class PlusOne:
     @staticmethod
     def parallel_func(x: int) -> int:
         return x + 1
+
+
+class PlusOneKeepRare(PlusOne):
+    """The filter workload's shape: keep one value in FILTER_KEEP_EVERY."""
+
+    @staticmethod
+    def keep(value: int) -> bool:
+        return value % FILTER_KEEP_EVERY == 0
 
 
 def cpu_seconds(cluster: Cluster) -> dict[str, float]:
@@ -78,30 +87,38 @@ def pin_apart(cluster: Cluster) -> None:
 
 
 def plus_one_project(
-    items: int, results_path: Path | None, task_size: int = 1
+    items: int, results_path: Path | None, task_size: int = 1, *, filtered: bool = False
 ) -> type[ProjectHandle]:
     """A fresh project class over ``range(items)``, as a user's script declares one."""
+    base = PlusOneKeepRare if filtered else PlusOne
     return Distribute(
         user_name=USER,
         iterator=range(items),
         task_size=task_size,
         results_path=str(results_path) if results_path else None,
+        only_if_func="keep" if filtered else None,
         progress=False,
-    )(type("PlusOne", (PlusOne,), {}))
+    )(type("PlusOne", (base,), {}))
 
 
 def one_project(
-    cluster: Cluster, tasks: int, results_path: Path | None, task_size: int = 1
+    cluster: Cluster,
+    tasks: int,
+    results_path: Path | None,
+    task_size: int = 1,
+    *,
+    filtered: bool = False,
 ) -> dict[str, float]:
     """CPU per task of one project; with ``task_size > 1``, ns of CPU per item instead."""
     items = tasks * task_size
-    cls = plus_one_project(items, results_path, task_size)
+    cls = plus_one_project(items, results_path, task_size, filtered=filtered)
     before = cpu_seconds(cluster)
     began = time.perf_counter()
     results = cls().get_results(timeout=600)
     wall = time.perf_counter() - began
     after = cpu_seconds(cluster)
-    assert results == {x: x + 1 for x in range(items)}
+    kept = range(FILTER_KEEP_EVERY - 1, items, FILTER_KEEP_EVERY) if filtered else range(items)
+    assert results == {x: x + 1 for x in kept}
     scale = 1e6 / tasks if task_size == 1 else 1e9 / items
     figures = {name: (after[name] - before[name]) * scale for name in PROCESSES}
     figures["total"] = sum(figures[name] for name in PROCESSES)
@@ -116,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sandbox", default="auto", choices=("auto", "off"))
     parser.add_argument(
         "--task-size", type=int, default=1, help="items per task; above 1, ns of CPU per item"
+    )
+    parser.add_argument(
+        "--filter",
+        action="store_true",
+        help=f"an only_if function keeping one value in {FILTER_KEEP_EVERY:,} (the filter shape)",
     )
     parser.add_argument(
         "--pin", action="store_true", help="the server alone on one CPU, the rest on the others"
@@ -134,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs = []
                 for rep in range(args.reps):
                     path = Path(tmp) / f"results-{form}-{rep}" if form == "readme" else None
-                    runs.append(one_project(cluster, args.tasks, path, args.task_size))
+                    runs.append(
+                        one_project(cluster, args.tasks, path, args.task_size, filtered=args.filter)
+                    )
                 report[form] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         finally:
             cluster.close()
