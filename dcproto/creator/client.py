@@ -350,6 +350,16 @@ async def get_client(endpoint: Endpoint, *, reconnect_timeout: float = 300.0) ->
     return client
 
 
+def connected_client(endpoint: Endpoint) -> CreatorClient | None:
+    """The shared client for that server if it is connected now, else None. Callable from
+    any thread: it only reads (a client found here may still drop at once; its projects then
+    re-attach or fail as on any disconnect)."""
+    client = _clients.get(endpoint)
+    if client is None or client.closed or not client.connected.is_set():
+        return None
+    return client
+
+
 async def _close_clients() -> None:
     for client in list(_clients.values()):
         await client.close()

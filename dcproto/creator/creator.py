@@ -291,6 +291,8 @@ class ProjectHandle:
             self._future: concurrent.futures.Future[dict[Any, Any]] = concurrent.futures.Future()
             if _attach_to is None:
                 self._run = self._run_class(self, pickle_class(self.user_class, spec.modules))
+                if self._run.start_nowait():  # the connection is up: no need to wait
+                    return
                 starting = self._run.start()
             else:
                 self._run = ProjectRun(self, b"")

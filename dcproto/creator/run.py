@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 import cloudpickle
 
 from .. import protocol as p
+from ..connection import Endpoint
 from ..errors import (
     ConnectionFailed,
     DcprotoError,
@@ -41,7 +42,7 @@ from ..errors import (
 from ..pickling import PLAIN_TYPES
 from ..trust.files import check_files
 from ..trust.safe import loads_from_worker, trusted_loads
-from .client import CreatorClient, get_client
+from .client import CreatorClient, background_loop, connected_client, get_client
 from .shipping import shipped_by_value
 from .stream import ResultStream
 
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
     from .creator import ProjectHandle
 
 log = logging.getLogger("dcproto")
+# user name -> the address this process resolved it to last: lets a Project() whose
+# connection is up start without reading the users file (see ProjectRun.start_nowait)
+_user_endpoints: dict[str, Endpoint] = {}
+NOWAIT_MAX_CODE = 64 * 1024  # a larger class is submitted the waiting way
 
 MAX_TASKS_PER_FRAME = 256
 MAX_ERRORS_PER_TASK = 5  # error reports a task may add to project.errors
@@ -143,43 +148,84 @@ class ProjectRun:
 
             endpoint = get_user(spec.user_name).endpoint()
             self.client = await get_client(endpoint, reconnect_timeout=spec.reconnect_timeout)
+            _user_endpoints[spec.user_name] = endpoint
+
+    def _known_client(self) -> CreatorClient | None:
+        """The connected client this project would use, found without I/O: None if there is
+        none yet, or finding it needs the users file or a local cluster's start."""
+        spec = self.spec
+        if spec.endpoint is not None:
+            endpoint: Endpoint | None = spec.endpoint
+        elif spec.user_name is None:
+            from . import local
+
+            cluster = local._cluster
+            endpoint = cluster.endpoint if cluster is not None else None
+        else:  # as this process resolved the user last (a user changed since: next process)
+            endpoint = _user_endpoints.get(spec.user_name)
+        return connected_client(endpoint) if endpoint is not None else None
+
+    def start_nowait(self) -> bool:
+        """From the caller's thread: when this process's connection to the project's server
+        is up, start the project on the client loop without waiting for it, and return True
+        (``project_id`` is set at once; an error from here on fails the project's results).
+        False if the connection is not up: then :meth:`start` must run and be waited for."""
+        client = self._known_client()
+        if client is None or len(self.code) > NOWAIT_MAX_CODE:
+            return False  # a large class: checked against the frame limit on the loop
+        project_id = uuid.uuid4().hex
+        submit = self._submit_message(project_id)
+        p.encode(submit)  # a Submit the server would refuse fails here, in Project(), as below
+        self.client = client
+        self.handle.project_id = project_id
+        background_loop().call_soon_threadsafe(self._start_now, submit)
+        return True
+
+    def _start_now(self, submit: p.Submit) -> None:
+        try:
+            self._launch(submit)
+        except DcprotoError as exc:
+            self._finish(error=exc)
+        except Exception as exc:  # never lost on the loop: the caller's results() tells it
+            self._finish(error=_chained(DcprotoError(f"the project could not start: {exc}"), exc))
 
     async def start(self) -> None:
         """Submit the project and start feeding its tasks at once: the id is ours, and the
         first ``INITIAL_CREDIT`` tasks may follow the Submit before the server answers."""
         await self._connect()
-        self._begin(uuid.uuid4().hex)
-        if self.handle._writer is not None:
-            assert self.project_id is not None
-            self.handle._writer.started(self.project_id)
-        self.credit = p.INITIAL_CREDIT
-        # the feeder's first step runs before the client's flush: Submit and the first tasks
-        # leave in one write
-        self._feeder = asyncio.create_task(self._feed())
+        self._launch(self._submit_message(uuid.uuid4().hex))
+
+    def _launch(self, submit: p.Submit) -> None:
+        assert self.client is not None
+        self._begin(submit.project_id)
         try:
-            self._submit()
-        except ConnectionFailed:
-            self._feeder.cancel()
+            if self.handle._writer is not None:
+                self.handle._writer.started(submit.project_id)
+            self.credit = p.INITIAL_CREDIT
+            # the feeder's first step runs before the client's flush: Submit and the first
+            # tasks leave in one write
+            self._feeder = asyncio.create_task(self._feed())
+            self.client.send(submit)
+        except BaseException:
+            if self._feeder is not None:
+                self._feeder.cancel()
             self._forget_listener()
             raise
 
-    def _submit(self) -> None:
-        assert self.client is not None and self.project_id is not None
+    def _submit_message(self, project_id: str) -> p.Submit:
         spec = self.spec
         options = dict(spec.options)
         if spec.user_name is None:
             options["fail_when_unrunnable"] = True
-        self.client.send(
-            p.Submit(
-                project_id=self.project_id,
-                name=self.handle.name,
-                code=self.code,
-                modules=list(spec.modules),
-                parallel=spec.parallel_func,
-                stop=spec.stop_func,
-                only_if=spec.only_if_func,
-                options=options,
-            )
+        return p.Submit(
+            project_id=project_id,
+            name=self.handle.name,
+            code=self.code,
+            modules=list(spec.modules),
+            parallel=spec.parallel_func,
+            stop=spec.stop_func,
+            only_if=spec.only_if_func,
+            options=options,
         )
 
     async def start_attached(self, project_id: str) -> None:
@@ -428,7 +474,7 @@ class ProjectRun:
             log.info(
                 "project %s was not stored before the reconnect; submitting again", self.handle.name
             )
-            self._submit()
+            self.client.send(self._submit_message(self.project_id))
             self.credit = p.INITIAL_CREDIT
             self._resend = collections.deque(self._unstored)
             self._end_unsent = self.total_tasks is not None
