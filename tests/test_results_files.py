@@ -1,4 +1,5 @@
-"""results.json as the results writer encodes it: the fast encoder, and what falls back."""
+"""The results writer: results.json's encoding (the fast encoder, and what falls back), and
+whole files, written without a temporary one left behind."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import datetime
 import json
 import math
 import threading
+from pathlib import Path
 
 import pytest
 
-from dcproto.creator.results import results_json
+from dcproto import load_results
+from dcproto.creator.results import ResultsWriter, results_json
+from dcproto.errors import ResultsPathError
 
 
 def test_plain_results_are_pairs_that_the_standard_decoder_reads_back() -> None:
@@ -50,3 +54,29 @@ def test_a_datetime_is_written_as_iso_text() -> None:
     data = results_json({1: when})
     assert data is not None
     assert json.loads(data) == [[1, "2026-12-01T12:00:00+00:00"]]
+
+
+def test_the_writer_leaves_whole_files_and_no_temporary_ones(tmp_path: Path) -> None:
+    writer = ResultsWriter(tmp_path / "out")
+    writer.started("0123abcd")
+    writer.task_done(0, {"worker": "w", "attempt": 1, "run": 0.5}, [("plot.png", b"PNG")])
+    stats = {"status": "done", "when": datetime.datetime(2026, 12, 1), "rate": math.nan}
+    writer.finish(results={1: 2}, status="done", error=None, stats=stats, errors=[{"item": "3"}])
+    out = tmp_path / "out"
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert names == {
+        "project_id", "tasks.csv", "stats.json", "errors.json", "results.pickle",
+        "results.json", "additional_results/plot.png",
+    }  # fmt: skip
+    assert load_results(out) == {1: 2}
+    assert json.loads((out / "stats.json").read_text()) == {
+        "status": "done", "when": "2026-12-01T00:00:00", "rate": None,
+    }  # fmt: skip
+    assert (out / "tasks.csv").read_text().splitlines()[0].startswith("seq,worker")
+
+
+def test_an_unwritable_results_path_is_refused_at_once(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ResultsPathError, match="cannot be written"):
+        ResultsWriter(blocker / "out")

@@ -48,11 +48,11 @@ class ResultsWriter:
         self.path = path
         try:
             path.mkdir(parents=True, exist_ok=True)
-            probe = path / ".dcproto-write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
         except OSError as exc:
             raise ResultsPathError(f"results_path {path} cannot be written: {exc}") from exc
+        # a syscall, not a probe file: it says no for a read-only file system too
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ResultsPathError(f"results_path {path} cannot be written: permission denied")
         self._tasks_csv: Any = None
         self._csv: Any = None
         self._written: set[str] = set()
@@ -61,16 +61,24 @@ class ResultsWriter:
         return _Guard(self.path, what)
 
     def started(self, project_id: str) -> None:
+        """The project's id, and tasks.csv opened: done while the first tasks are out, so that
+        the files a project's end writes are the only ones on the caller's path."""
         with self._guard("project_id"):
             (self.path / "project_id").write_text(project_id + "\n", encoding="utf-8")
+        self._open_tasks_csv()
 
-    def task_done(self, seq: int, stats: dict[str, Any], files: list[tuple[str, bytes]]) -> None:
-        """``files``: names already checked by :func:`dcproto.trust.safe.check_files`."""
+    def _open_tasks_csv(self) -> None:
         with self._guard("tasks.csv"):
             if self._csv is None:
                 self._tasks_csv = open(self.path / "tasks.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
                 self._csv = csv.writer(self._tasks_csv)
                 self._csv.writerow(["seq", "worker", "attempt", "run", "exec", "round_trip"])
+
+    def task_done(self, seq: int, stats: dict[str, Any], files: list[tuple[str, bytes]]) -> None:
+        """``files``: names already checked by :func:`dcproto.trust.safe.check_files`."""
+        self._open_tasks_csv()
+        with self._guard("tasks.csv"):
+            assert self._csv is not None
             self._csv.writerow(
                 [
                     seq,
@@ -116,27 +124,36 @@ class ResultsWriter:
             self._tasks_csv = self._csv = None
         if error is not None:
             stats = {**stats, "error": str(error)}
-        with self._guard("stats.json"):
-            (self.path / "stats.json").write_text(
-                json.dumps(stats, indent=2, default=str), encoding="utf-8"
-            )
+        self._write("stats.json", _indented_json(stats))
         if errors:
-            with self._guard("errors.json"):
-                (self.path / "errors.json").write_text(
-                    json.dumps(errors, indent=2, default=str), encoding="utf-8"
-                )
+            self._write("errors.json", _indented_json(errors))
         if results is None:
             return
-        with self._guard(RESULTS_PICKLE):
-            tmp = self.path / (RESULTS_PICKLE + ".tmp")
-            tmp.write_bytes(cloudpickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL))
-            os.replace(tmp, self.path / RESULTS_PICKLE)
+        self._write(RESULTS_PICKLE, cloudpickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL))
         data = results_json(results)
         if data is None:
             (self.path / "results.json").unlink(missing_ok=True)
             return
-        with self._guard("results.json"):
-            (self.path / "results.json").write_bytes(data)
+        self._write("results.json", data)
+
+    def _write(self, name: str, data: bytes) -> None:
+        """``name`` replaced at once (a reader never sees half of it), without an fsync: a
+        crash may lose the file, never leave it cut short."""
+        target = os.path.join(self.path, name)
+        with self._guard(name):
+            with open(target + ".tmp", "wb") as handle:
+                handle.write(data)
+            os.replace(target + ".tmp", target)
+
+
+def _indented_json(value: Any) -> bytes:
+    """Readable JSON for the small files; what JSON cannot hold is written as its str."""
+    try:
+        return orjson.dumps(
+            value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str
+        )
+    except TypeError:  # an int over 64 bits, say
+        return json.dumps(value, indent=2, default=str).encode("utf-8")
 
 
 def results_json(results: dict[Any, Any]) -> bytes | None:

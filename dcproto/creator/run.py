@@ -199,8 +199,6 @@ class ProjectRun:
         assert self.client is not None
         self._begin(submit.project_id)
         try:
-            if self.handle._writer is not None:
-                self.handle._writer.started(submit.project_id)
             self.credit = p.INITIAL_CREDIT
             # the feeder's first step runs before the client's flush: Submit and the first
             # tasks leave in one write
@@ -211,6 +209,17 @@ class ProjectRun:
                 self._feeder.cancel()
             self._forget_listener()
             raise
+        if self.handle._writer is not None:  # after that write: the files wait, not the tasks
+            asyncio.get_running_loop().call_soon(self._writer_started, submit.project_id)
+
+    def _writer_started(self, project_id: str) -> None:
+        writer = self.handle._writer
+        if writer is None or self.finished:
+            return
+        try:
+            writer.started(project_id)
+        except DcprotoError as exc:
+            self._fail_locally(exc)
 
     def _submit_message(self, project_id: str) -> p.Submit:
         spec = self.spec
