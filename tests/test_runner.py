@@ -458,6 +458,32 @@ async def test_skipped_items_at_either_end_keep_the_others_on_their_items(
     assert [e["item"] for e in outcome.stats["errors"]] == [str(x) for x in items if x % 2]
 
 
+class StopsOnThree:
+    @staticmethod
+    def f(x: int) -> int:
+        if x == 3:
+            raise StopIteration  # map() would end quietly here: the item must still fail
+        return x * 10
+
+
+@pytest.mark.parametrize("errors", ["skip", "raise"])
+async def test_an_item_raising_stop_iteration_fails_alone_and_the_rest_still_run(
+    runner: Runner, errors: str
+) -> None:
+    outcome = await run(runner, make_project(StopsOnThree, errors=errors), [1, 2, 3, 4, 5])
+    if errors == "raise":
+        assert outcome.outcome == "error"
+        assert outcome.error is not None and outcome.error["item"] == "3"
+        assert "StopIteration" in outcome.error["message"]
+        assert outcome.n_items == 3
+        return
+    assert outcome.outcome == "ok"
+    assert pairs(outcome) == [(1, 10), (2, 20), (4, 40), (5, 50)]
+    assert (outcome.n_items, outcome.n_kept) == (5, 4)
+    [error] = outcome.stats["errors"]
+    assert error["item"] == "3" and "StopIteration" in error["message"]
+
+
 async def test_unpicklable_value(runner: Runner) -> None:
     outcome = await run(runner, make_project(ReturnsLock), ["a", "lock-me", "b"])
     assert outcome.outcome == "error"

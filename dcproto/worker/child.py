@@ -602,25 +602,33 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
             failed: list[int] = []
             rest = iter(items)
             while True:
+                failure: BaseException
                 try:
                     values.extend(map(parallel, rest))
-                    n_items = len(values) + len(failed)
-                    break
                 except (TaskAbandoned, CpuTimeExceeded):
                     n_items = len(values) + len(failed) + 1
                     raise
                 except BaseException as exc:
-                    n_items = len(values) + len(failed) + 1
                     if _cap_hit(exc) is not None:
+                        n_items = len(values) + len(failed) + 1
                         raise  # a cap, not the item, ended it: never skipped
-                    item = items[n_items - 1]
-                    if project.errors == "raise":
-                        outcome, error = "error", _error_info(item, exc)
+                    failure = exc
+                else:
+                    n_items = len(values) + len(failed)
+                    if n_items == len(items):
                         break
-                    failed.append(n_items - 1)
-                    n_errors += 1
-                    if len(errors) < MAX_REPORTED_ERRORS:
-                        errors.append(_error_info(item, exc))
+                    # map ends without a word when the function raises StopIteration: the
+                    # next item is the one that raised it
+                    failure = StopIteration("the parallel function raised StopIteration")
+                n_items = len(values) + len(failed) + 1
+                item = items[n_items - 1]
+                if project.errors == "raise":
+                    outcome, error = "error", _error_info(item, failure)
+                    break
+                failed.append(n_items - 1)
+                n_errors += 1
+                if len(errors) < MAX_REPORTED_ERRORS:
+                    errors.append(_error_info(item, failure))
             kept = _by_index(values, failed) if failed else values
         else:
             kept = {}
