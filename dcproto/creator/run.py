@@ -175,7 +175,9 @@ class ProjectRun:
             return False  # a large class: checked against the frame limit on the loop
         project_id = uuid.uuid4().hex
         submit = self._submit_message(project_id)
-        p.encode(submit)  # a Submit the server would refuse fails here, in Project(), as below
+        # a Submit the server would refuse fails here, in Project(), as on the waiting path
+        if len(p.encode(submit)) - p.HEADER.size > client.proto.max_frame:
+            return False  # the waiting path says why
         self.client = client
         self.handle.project_id = project_id
         background_loop().call_soon_threadsafe(self._start_now, submit)
