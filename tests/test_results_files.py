@@ -80,3 +80,16 @@ def test_an_unwritable_results_path_is_refused_at_once(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(ResultsPathError, match="cannot be written"):
         ResultsWriter(blocker / "out")
+
+
+def test_a_start_noted_after_the_end_leaves_tasks_csv_as_the_end_wrote_it(tmp_path: Path) -> None:
+    """An attach to a finished project gets its results replayed and Finished before its own
+    start is noted: that late start must not reopen (and so empty) tasks.csv."""
+    writer = ResultsWriter(tmp_path)
+    for seq in range(3):
+        writer.task_done(seq, {"worker": "w", "attempt": 1}, [])
+    writer.finish(results={1: 2}, status="done", error=None, stats={}, errors=[])
+    writer.started("0123abcd")
+    rows = (tmp_path / "tasks.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["0", "1", "2"]
+    assert (tmp_path / "project_id").read_text() == "0123abcd\n"

@@ -56,6 +56,7 @@ class ResultsWriter:
         self._tasks_csv: Any = None
         self._csv: Any = None
         self._written: set[str] = set()
+        self._finished = False  # finish() ran: an attach's late started() must not reopen
 
     def _guard(self, what: str) -> Any:
         return _Guard(self.path, what)
@@ -68,6 +69,8 @@ class ResultsWriter:
         self._open_tasks_csv()
 
     def _open_tasks_csv(self) -> None:
+        if self._csv is not None or self._finished:
+            return
         with self._guard("tasks.csv"):
             if self._csv is None:
                 self._tasks_csv = open(self.path / "tasks.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
@@ -77,18 +80,18 @@ class ResultsWriter:
     def task_done(self, seq: int, stats: dict[str, Any], files: list[tuple[str, bytes]]) -> None:
         """``files``: names already checked by :func:`dcproto.trust.safe.check_files`."""
         self._open_tasks_csv()
-        with self._guard("tasks.csv"):
-            assert self._csv is not None
-            self._csv.writerow(
-                [
-                    seq,
-                    stats.get("worker"),
-                    stats.get("attempt"),
-                    _round(stats.get("run")),
-                    _round(stats.get("exec")),
-                    _round(stats.get("round_trip")),
-                ]
-            )
+        if self._csv is not None:
+            with self._guard("tasks.csv"):
+                self._csv.writerow(
+                    [
+                        seq,
+                        stats.get("worker"),
+                        stats.get("attempt"),
+                        _round(stats.get("run")),
+                        _round(stats.get("exec")),
+                        _round(stats.get("round_trip")),
+                    ]
+                )
         for name, data in files:
             self._write_file(seq, name, data)
 
@@ -119,6 +122,7 @@ class ResultsWriter:
         stats: dict[str, Any],
         errors: list[dict[str, Any]],
     ) -> None:
+        self._finished = True
         if self._tasks_csv is not None:
             self._tasks_csv.close()
             self._tasks_csv = self._csv = None
