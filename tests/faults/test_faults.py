@@ -240,13 +240,37 @@ def test_worker_sigstopped_past_its_lease(
     Only the worker process is stopped: its children finish their tasks meanwhile. Thawed, it
     usually reads the server's Abandon before its children's answers and drops those results
     itself. With ``abandon_delayed`` it talks through a proxy that holds back what the server
-    sends it until 0.5 s after the thaw, so its late results do reach the server."""
+    sends it until 0.5 s after the thaw, so its late results do reach the server.
+
+    That needs the worker to hold a started task when it is frozen. Once in a while every task
+    it holds is still in flight to it, held by the proxy, and comes back with the Abandon:
+    then no late result exists to check, and the scenario runs again on a fresh server (at
+    most three times); every run is checked for exact results all the same."""
+    for attempt in range(1, 4):
+        late = _freeze_a_worker_past_its_lease(
+            link, proxy, make_server, start_worker, tmp_path / f"attempt-{attempt}"
+        )
+        if link == "direct" or late >= 1:
+            return
+        report(f"frozen worker ({link}): attempt {attempt} held no started task; again")
+    raise AssertionError("no late result of the frozen worker reached the server in 3 runs")
+
+
+def _freeze_a_worker_past_its_lease(
+    link: str,
+    proxy: Callable[[int], BlackholeProxy],
+    make_server: Callable[..., ServerProcess],
+    start_worker: Callable[..., WorkerProcess],
+    where: Path,
+) -> int:
+    """One run of the scenario above, checked; the number of late results of the frozen
+    worker that reached the server."""
     server = make_server(heartbeat=5.0)
     home_user(server)
     forwarder = proxy(server.port) if link == "abandon_delayed" else None
     frozen = start_worker(server=via(server, forwarder.port) if forwarder else server)
     healthy = start_worker(server=server)
-    out = tmp_path / "results"
+    out = where / "results"
     n_items = 200
     lease = 1.0
 
@@ -299,14 +323,13 @@ def test_worker_sigstopped_past_its_lease(
         for row in rows
         if row["worker"] == frozen.name and float(row["round_trip"]) > lease
     ]
-    late = stats["duplicates_dropped"] + len(late_wins)
-    if forwarder is not None:
-        assert late >= 1, "no late result of the frozen worker reached the server"
     report(
         f"frozen worker ({link}): {stats['tasks_reissued']} tasks re-issued; late results: "
         f"{stats['duplicates_dropped']} dropped as duplicates, {len(late_wins)} won first; "
         f"per worker {stats['per_worker']}"
     )
+    late: int = stats["duplicates_dropped"] + len(late_wins)
+    return late
 
 
 # ---- 3. the server SIGKILLed and restarted twice -------------------------------------------------
