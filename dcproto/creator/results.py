@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -72,10 +73,9 @@ class ResultsWriter:
         if self._csv is not None or self._finished:
             return
         with self._guard("tasks.csv"):
-            if self._csv is None:
-                self._tasks_csv = open(self.path / "tasks.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
-                self._csv = csv.writer(self._tasks_csv)
-                self._csv.writerow(["seq", "worker", "attempt", "run", "exec", "round_trip"])
+            self._tasks_csv = open(self.path / "tasks.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
+            self._csv = csv.writer(self._tasks_csv)
+            self._csv.writerow(["seq", "worker", "attempt", "run", "exec", "round_trip"])
 
     def task_done(self, seq: int, stats: dict[str, Any], files: list[tuple[str, bytes]]) -> None:
         """``files``: names already checked by :func:`dcproto.trust.safe.check_files`."""
@@ -150,29 +150,32 @@ class ResultsWriter:
             os.replace(target + ".tmp", target)
 
 
+def _json(
+    value: Any, *, indent: bool = False, default: Callable[[Any], Any] | None = None
+) -> bytes:
+    """``value`` as JSON with orjson, or with the standard encoder where orjson refuses what
+    that one writes (an int over 64 bits, a dict with int keys). Raises TypeError or
+    ValueError if neither can write it."""
+    try:
+        return orjson.dumps(value, default=default, option=orjson.OPT_INDENT_2 if indent else None)
+    except TypeError:
+        text = json.dumps(value, indent=2 if indent else None, default=default)
+        return text.encode("utf-8")
+
+
 def _indented_json(value: Any) -> bytes:
     """Readable JSON for the small files; what JSON cannot hold is written as its str."""
-    try:
-        return orjson.dumps(
-            value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str
-        )
-    except TypeError:  # an int over 64 bits, say
-        return json.dumps(value, indent=2, default=str).encode("utf-8")
+    return _json(value, indent=True, default=str)
 
 
 def results_json(results: dict[Any, Any]) -> bytes | None:
     """``results`` as a JSON array of ``[item, value]`` pairs, or None if JSON cannot hold
-    them. Non-finite floats become null (JSON has no NaN; results.pickle keeps them)."""
-    pairs = list(results.items())
+    them. Non-finite floats become null (JSON has no NaN; results.pickle keeps them), but for
+    results only the standard encoder can write, which writes NaN."""
     try:
-        return orjson.dumps(pairs)
-    except TypeError:  # beyond orjson: an int over 64 bits, a dict with int keys, ...
-        pass
-    try:
-        text = json.dumps(pairs)  # NaN here as the standard encoder writes it
+        return _json(list(results.items()))
     except (TypeError, ValueError):
         return None
-    return text.encode("utf-8")
 
 
 class _Guard:
