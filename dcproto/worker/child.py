@@ -451,9 +451,9 @@ def _unpickled(code: bytes) -> Any:
 
 class LoadedProject:
     def __init__(self, command: list[Any]) -> None:
-        _, self.project_id, code, modules, parallel, stop, only_if, self.errors, trusted = command[
-            :9
-        ]
+        _, self.project_id, code, modules, parallel, stop, only_if, self.errors, trusted, _ = (
+            command
+        )
         # values for a creator that decodes them with the safe decoder are checked here, so
         # that a value it would refuse fails its own item with a clear error
         self.check_values = not trusted
@@ -482,6 +482,18 @@ def _error_info(item: Any, exc: BaseException) -> dict[str, Any]:
         "traceback": "".join(traceback.format_exception(exc))[-20000:],
         "type": type(exc).__name__,
     }
+
+
+def _failed_item(
+    project: LoadedProject, item: Any, exc: BaseException, errors: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """An item raised ``exc``: the task's error if the project says errors="raise", else
+    None, the item skipped and its error kept in ``errors`` (the first few only)."""
+    if project.errors == "raise":
+        return _error_info(item, exc)
+    if len(errors) < MAX_REPORTED_ERRORS:
+        errors.append(_error_info(item, exc))
+    return None
 
 
 def _by_index(values: list[Any], failed: list[int]) -> dict[int, Any]:
@@ -621,14 +633,12 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
                     # next item is the one that raised it
                     failure = StopIteration("the parallel function raised StopIteration")
                 n_items = len(values) + len(failed) + 1
-                item = items[n_items - 1]
-                if project.errors == "raise":
-                    outcome, error = "error", _error_info(item, failure)
+                error = _failed_item(project, items[n_items - 1], failure, errors)
+                if error is not None:
+                    outcome = "error"
                     break
                 failed.append(n_items - 1)
-                n_errors += 1
-                if len(errors) < MAX_REPORTED_ERRORS:
-                    errors.append(_error_info(item, failure))
+            n_errors = len(failed)
             kept = _by_index(values, failed) if failed else values
         else:
             kept = {}
@@ -647,12 +657,11 @@ def run_task(project: LoadedProject, items_blob: bytes, output_dir: Path) -> lis
                 except BaseException as exc:
                     if _cap_hit(exc) is not None:
                         raise  # a cap, not the item, ended it: never skipped
-                    if project.errors == "raise":
-                        outcome, error = "error", _error_info(item, exc)
+                    error = _failed_item(project, item, exc, errors)
+                    if error is not None:
+                        outcome = "error"
                         break
                     n_errors += 1
-                    if len(errors) < MAX_REPORTED_ERRORS:
-                        errors.append(_error_info(item, exc))
         run_time = time.perf_counter() - loop_started
         if outcome == "error":
             payload = b""
@@ -756,7 +765,7 @@ def main() -> None:
         if command[0] == "limits":
             _set_limits(command)
         elif command[0] == "load":
-            binding = command[9] if len(command) > 9 else None
+            binding = command[9]
             if bound is None:
                 bound = binding
             # never another creator's: its code would share this process with ours
